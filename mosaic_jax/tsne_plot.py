@@ -1,0 +1,175 @@
+"""t-SNE picture of learned embeddings, coloured by class (as in the MoSAiC paper's figures).
+
+Multi-label colouring: each point gets the colour of the *most frequent class it carries*
+(frequency counted over the plotted subset), so the large, common classes form the visible
+structure and every labelled point gets exactly one colour. Points with no label are
+translucent black. Legend counts are the points drawn in each colour.
+
+Uses matplotlib's object-oriented API on an Agg canvas (no pyplot, no display, no global
+backend switch), and writes the PNG atomically (temp file in the same folder, then
+``os.replace``), so a reader never sees a half-written picture.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plot_tsne", "dominant_label"]
+
+# Translucent black: distinct from the two greys in tab20.
+_NO_LABEL_COLOR = (0.0, 0.0, 0.0, 0.35)
+
+
+def dominant_label(labels: np.ndarray) -> np.ndarray:
+    """Per-point class index used for colouring: the most frequent class the point carries.
+
+    Args:
+      labels: ``[N, C]`` bool.
+
+    Returns:
+      ``[N]`` int, ``-1`` for a point with no label. Ties in frequency go to the lower index.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    counts = labels.sum(axis=0)
+    # Rank classes by frequency (descending, stable), then take the best-ranked present class.
+    rank = np.empty_like(counts)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(labels.shape[1])
+    masked_rank = np.where(labels, rank[None, :], labels.shape[1])
+    best = np.argmin(masked_rank, axis=1)
+    return np.where(labels.any(axis=1), best, -1)
+
+
+def _class_colors(num_classes: int) -> np.ndarray:
+    """``[C, 4]`` RGBA: tab20 up to 20 classes, evenly spaced turbo hues beyond."""
+    from matplotlib import colormaps
+
+    if num_classes <= 20:
+        return colormaps["tab20"](np.arange(num_classes))
+    return colormaps["turbo"](np.linspace(0.0, 1.0, num_classes))
+
+
+def plot_tsne(
+    embeddings: Any,
+    labels: Any,
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    max_points: int = 2000,
+    seed: int = 0,
+    title: str | None = None,
+) -> None:
+    """Saves a 2-D t-SNE scatter of (a random subset of) the embeddings as a PNG.
+
+    Args:
+      embeddings: ``[N, d]`` float features (N >= 2).
+      labels: ``[N, C]`` bool (or 0/1) multi-hot labels.
+      class_names: ``C`` names for the legend.
+      path: output ``.png`` path; parent folders are created.
+      max_points: at most this many points (sampled without replacement with ``seed``).
+      seed: seed of the subset and of t-SNE.
+      title: figure title (default: a description of what is shown).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from sklearn.manifold import TSNE
+
+    embeddings = np.asarray(embeddings)
+    labels = np.asarray(labels)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D [N, d]; got shape {embeddings.shape}")
+    if labels.ndim != 2 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels must be [N, C] with N = embeddings.shape[0]; got labels {labels.shape}, "
+            f"embeddings {embeddings.shape}"
+        )
+    if len(class_names) != labels.shape[1]:
+        raise ValueError(
+            f"class_names has {len(class_names)} names but labels has {labels.shape[1]} classes"
+        )
+    if max_points < 2:
+        raise ValueError(f"max_points must be >= 2; got {max_points}")
+    n_total = embeddings.shape[0]
+    if n_total < 2:
+        raise ValueError(f"t-SNE needs at least 2 points; got embeddings {embeddings.shape}")
+    embeddings = embeddings.astype(np.float64, copy=False)
+    if not np.isfinite(embeddings).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+
+    rng = np.random.default_rng(seed)
+    if n_total > max_points:
+        idx = np.sort(rng.choice(n_total, size=max_points, replace=False))
+    else:
+        idx = np.arange(n_total)
+    x = embeddings[idx]
+    y = labels[idx].astype(bool)
+    n = x.shape[0]
+
+    perplexity = min(30.0, (n - 1) / 3.0)
+    tsne = TSNE(
+        n_components=2,
+        perplexity=perplexity,
+        init="pca" if min(x.shape) >= 2 else "random",
+        learning_rate="auto",
+        random_state=seed,
+    )
+    xy = tsne.fit_transform(x)
+
+    cls = dominant_label(y)
+    colors = _class_colors(len(class_names))
+    fig = Figure(figsize=(9.0, 6.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    handles = []
+    if (cls < 0).any():
+        m = cls < 0
+        ax.scatter(xy[m, 0], xy[m, 1], s=8, color=_NO_LABEL_COLOR, linewidths=0)
+        handles.append(_legend_handle(Line2D, _NO_LABEL_COLOR, f"(no label) [{m.sum()}]"))
+    # Draw frequent classes first so that rarer ones stay visible on top.
+    present = [
+        k
+        for k in np.argsort(-np.bincount(cls[cls >= 0], minlength=len(class_names)))
+        if (cls == k).any()
+    ]
+    for k in present:
+        m = cls == k
+        ax.scatter(xy[m, 0], xy[m, 1], s=8, color=colors[k], linewidths=0)
+        handles.append(_legend_handle(Line2D, colors[k], f"{class_names[k]} [{m.sum()}]"))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or f"t-SNE of {n} embeddings (colour: most frequent label carried)")
+    if handles:
+        ax.legend(
+            handles=handles,
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+            fontsize=7,
+            frameon=False,
+        )
+    fig.tight_layout()
+    _save_png_atomic(fig, os.fspath(path))
+
+
+def _legend_handle(line_cls: Any, color: Any, label: str) -> Any:
+    """A round marker legend entry (one per class actually plotted)."""
+    return line_cls([], [], marker="o", linestyle="", markersize=5, color=color, label=label)
+
+
+def _save_png_atomic(fig: Any, path: str) -> None:
+    """Writes ``fig`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tsne-", suffix=".png.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
