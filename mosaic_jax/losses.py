@@ -385,6 +385,7 @@ def supcon(
     class_ids: jax.Array,
     *,
     temperature: float = 0.1,
+    label_mask: jax.Array | None = None,
     axis_name: AxisName = None,
 ) -> jax.Array:
     """Single-label supervised contrastive loss (Khosla et al. 2020, L_out), two views.
@@ -396,6 +397,8 @@ def supcon(
     Args:
       z1, z2: [N, d] embeddings of two views.
       class_ids: [N] integer class of each sample.
+      label_mask: [N] bool; samples whose entry is False take no part (neither anchors nor
+        keys). A batch without labelled samples gives 0 with zero gradient.
       temperature, axis_name: as in `nt_xent`.
     """
     _check_pair(z1, z2)
@@ -406,15 +409,21 @@ def supcon(
                          f"{tuple(getattr(class_ids, 'shape', ()))} and dtype "
                          f"{getattr(class_ids, 'dtype', type(class_ids).__name__)}")
     _check_temperature(temperature)
-    anchors, keys, self_index, n_global = _two_view_keys(z1, z2, axis_name)
+    mask = _label_mask_or_ones(label_mask, n)
+    anchors, keys, self_index, _ = _two_view_keys(z1, z2, axis_name)
     cls_keys = jnp.concatenate([_gather(class_ids, axis_name)] * 2)
+    key_valid = jnp.concatenate([_gather(mask, axis_name)] * 2)
     cls_anchor = jnp.concatenate([class_ids, class_ids])
+    anchor_valid = jnp.concatenate([mask, mask])
     s = (anchors @ keys.T) / temperature
-    not_self = _keep_mask(self_index, jnp.arange(keys.shape[0]), jnp.ones(keys.shape[0], bool))
-    lse = _masked_lse(s, not_self)
-    positive = not_self & (cls_anchor[:, None] == cls_keys[None, :])
-    mean_positive = jnp.sum(jnp.where(positive, s, 0.0), axis=1) / jnp.sum(positive, axis=1)
-    return _global_sum(jnp.sum(lse - mean_positive), axis_name) / (2 * n_global)
+    keep = _keep_mask(self_index, jnp.arange(keys.shape[0]), key_valid)
+    lse = _masked_lse(s, keep)
+    positive = keep & (cls_anchor[:, None] == cls_keys[None, :])
+    n_positive = jnp.maximum(jnp.sum(positive, axis=1), 1)
+    mean_positive = jnp.sum(jnp.where(positive, s, 0.0), axis=1) / n_positive
+    row_loss = jnp.where(anchor_valid, lse - mean_positive, 0.0)
+    return _safe_mean(_global_sum(jnp.sum(row_loss), axis_name),
+                      _global_sum(jnp.sum(anchor_valid), axis_name))
 
 
 def multilabel_bce(

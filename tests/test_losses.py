@@ -78,16 +78,20 @@ def ref_mulsupcon(z1, z2, labels, tau, weighting="mean", mask=None):
     return sum(chosen) / len(chosen) if chosen else 0.0
 
 
-def ref_supcon(z1, z2, cls, tau):
+def ref_supcon(z1, z2, cls, tau, mask=None):
     z = _unit(np.concatenate([z1, z2]))
     c = np.concatenate([cls, cls])
-    total = 0.0
+    mask = np.ones(len(z1), bool) if mask is None else np.asarray(mask, bool)
+    valid = np.concatenate([mask, mask])
+    losses_ = []
     for i in range(len(z)):
-        keys = [k for k in range(len(z)) if k != i]
+        if not valid[i]:
+            continue
+        keys = [k for k in range(len(z)) if k != i and valid[k]]
         lse = _logsumexp([z[i] @ z[k] / tau for k in keys])
         positives = [k for k in keys if c[k] == c[i]]
-        total += -sum(z[i] @ z[p] / tau - lse for p in positives) / len(positives)
-    return total / len(z)
+        losses_.append(-sum(z[i] @ z[p] / tau - lse for p in positives) / len(positives))
+    return sum(losses_) / len(losses_) if losses_ else 0.0
 
 
 def ref_bce(logits, labels, mask=None):
@@ -139,6 +143,9 @@ def test_values_match_float64_reference(seed, block_size):
     cls = rng.integers(0, 3, n)
     np.testing.assert_allclose(losses.supcon(z1, z2, jnp.asarray(cls), temperature=tau),
                                ref_supcon(z1, z2, cls, tau), rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.supcon(z1, z2, jnp.asarray(cls), temperature=tau, label_mask=mask),
+        ref_supcon(z1, z2, cls, tau, mask), rtol=1e-5, atol=1e-6)
     logits = (3 * rng.normal(size=y.shape)).astype(np.float32)
     np.testing.assert_allclose(losses.multilabel_bce(logits, y), ref_bce(logits, y), rtol=1e-5)
     np.testing.assert_allclose(losses.multilabel_bce(logits, y, label_mask=mask),
@@ -180,8 +187,9 @@ def test_gradients_match_finite_differences_of_reference(block_size):
         (lambda a: losses.multilabel_supcon(a, z2, y, temperature=tau, label_mask=mask,
                                             block_size=block_size),
          lambda a: ref_mulsupcon(a, z2, y, tau, mask=mask)),
-        (lambda a: losses.supcon(a, z2, jnp.array([0, 1, 0, 1]), temperature=tau),
-         lambda a: ref_supcon(a, z2, np.array([0, 1, 0, 1]), tau)),
+        (lambda a: losses.supcon(a, z2, jnp.array([0, 1, 0, 1]), temperature=tau,
+                                 label_mask=mask),
+         lambda a: ref_supcon(a, z2, np.array([0, 1, 0, 1]), tau, mask)),
         (lambda a: losses.multilabel_bce(a, y.astype(np.float32), label_mask=mask),
          lambda a: ref_bce(a, y, mask)),
     ]
@@ -202,7 +210,7 @@ def _all_losses(z1, z2, y, cls, mask, block_size=None, axis_name=None):
         losses.cross_modal_infonce(z1, z2, temperature=0.1, **bkw),
         losses.multilabel_supcon(z1, z2, y, temperature=0.1, label_mask=mask, **bkw),
         losses.multilabel_supcon(z1, z2, y, temperature=0.1, weighting="per_sample", **bkw),
-        losses.supcon(z1, z2, cls, temperature=0.1, **kw),
+        losses.supcon(z1, z2, cls, temperature=0.1, label_mask=mask, **kw),
         losses.multilabel_bce(z1[:, : y.shape[1]], y, label_mask=mask, **kw),
     ])
 
@@ -363,6 +371,9 @@ def test_all_unlabelled_batch_gives_zero_loss_and_zero_gradient(block_size):
             lambda a, b, w=weighting: losses.multilabel_supcon(
                 a, b, y, label_mask=none, weighting=w, block_size=block_size), z1, z2)
         assert value == 0.0 and all(np.all(g == 0) for g in grads)
+    value, grads = _finite_value_and_grad(
+        lambda a, b: losses.supcon(a, b, jnp.zeros(5, jnp.int32), label_mask=none), z1, z2)
+    assert value == 0.0 and all(np.all(g == 0) for g in grads)
     value, grads = _finite_value_and_grad(
         lambda a, b: losses.multilabel_bce(a, b, label_mask=none), z1, z2)
     assert value == 0.0 and all(np.all(g == 0) for g in grads)

@@ -1,0 +1,19 @@
+"""IaI-SimCLR baseline (REFERENCE.md section 5): intra S1 + intra S2 + inter NT-Xent.
+
+Temperature 0.5, Adam 1e-4 without weight decay, as published.
+
+Usage: python -m mosaic_jax.main --config=configs/iai_simclr.py[:ARGS] --workdir=DIR
+ARGS, comma-separated: `demo` (synthetic data, tiny model, minutes on a CPU), `sen12ms`.
+"""
+
+from mosaic_jax import configuration
+
+
+def get_config(arg: str | None = None):
+    args = configuration.parse_args(arg, configuration.COMMON_ARGS)
+    c = configuration.base_config("iai_simclr")
+    c.loss.t_intra = 0.5
+    c.loss.t_inter = 0.5
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.weight_decay = 0.0
+    return configuration.apply_args(c, args)

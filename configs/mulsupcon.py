@@ -1,0 +1,13 @@
+"""MulSupCon baseline: multi-label supervised contrastive loss on the fused projection.
+
+Usage: python -m mosaic_jax.main --config=configs/mulsupcon.py[:ARGS] --workdir=DIR
+ARGS, comma-separated: `demo` (synthetic data, tiny model, minutes on a CPU), `sen12ms`.
+"""
+
+from mosaic_jax import configuration
+
+
+def get_config(arg: str | None = None):
+    args = configuration.parse_args(arg, configuration.COMMON_ARGS)
+    c = configuration.base_config("mulsupcon")
+    return configuration.apply_args(c, args)

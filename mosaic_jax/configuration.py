@@ -1,0 +1,278 @@
+"""Configuration defaults shared by every file in `configs/`, and their validation.
+
+`base_config(objective)` holds every key a user may turn, with defaults for the full
+BigEarthNet v2 recipe; the files in `configs/` change what their method needs.
+`validate_config` rejects unknown keys (typos in a config file) and invalid values with a
+message that names the key. Unknown keys given on the command line (`--config.foo=1`) are
+already rejected by ml_collections' config flags.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from mosaic_jax import objectives
+
+DATASETS = {"bigearthnet_v2": 19, "sen12ms": 10}
+
+
+def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
+    """Defaults: two ResNet-18 towers on BigEarthNet v2, 10 % of the training split."""
+    c = ml_collections.ConfigDict()
+    c.objective = objective
+    c.seed = 0
+    c.batch_size = 256                   # global, over all devices and processes
+    c.num_train_steps = 9300             # ~100 epochs of 10 % of BigEarthNet v2 train
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000            # 0: evaluate only at the end
+    c.eval_batch_size = 256
+    c.eval_max_batches = 0               # 0: the whole evaluation split
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.tsne_points = 2000                 # 0: no t-SNE picture
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "bigearthnet_v2"
+    c.data.data_dir = "~/tensorflow_datasets"
+    c.data.num_classes = 19
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.s1_bands = "s1"               # VV, VH
+    c.data.s2_bands = "s2_10"            # B02 B03 B04 B05 B06 B07 B08 B8A B11 B12 (official)
+    c.data.train_fraction = 0.1          # the paper's low-data protocol
+    c.data.label_fraction = 1.0          # of the kept training patches, those with labels
+    c.data.subset_seed = 0
+    c.data.worker_count = 0
+    c.data.prefetch_buffer = 2
+    c.data.demo = False                  # write and prepare a small synthetic dataset
+    c.data.demo_num_patches = 600
+    c.data.demo_seed = 0
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.out_size = 120
+    c.augment.crop_scale = (0.3, 1.0)
+    c.augment.crop_ratio = (3 / 4, 4 / 3)
+    c.augment.hflip = True
+    c.augment.vflip = True
+    c.augment.rot90 = True
+    c.augment.brightness = 0.1
+    c.augment.contrast = 0.1
+    c.augment.sar_noise_db = 0.5
+    c.augment.sar_offset_db = 0.5
+    c.augment.share_spatial = True
+
+    c.model = ml_collections.ConfigDict()
+    c.model.kind = "two_tower"           # or "single_tower"
+    c.model.s1_encoder = "resnet18"
+    c.model.s2_encoder = "resnet18"
+    c.model.encoder = "resnet18"         # single tower only
+    c.model.inputs = "s1s2"              # single tower: "s1", "s2" or "s1s2" (early fusion)
+    c.model.width_multiplier = 1.0
+    c.model.stem = "iai"                 # 7x7/2 conv without max-pool (120 px inputs)
+    c.model.proj_hidden_dim = 512
+    c.model.proj_dim = 128
+    c.model.sync_bn = True
+    c.model.bn_momentum = 0.9
+    c.model.drop_path_rate = 0.0
+    c.model.dtype = "float32"            # compute dtype; "bfloat16" on accelerators
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.weights = ml_collections.ConfigDict(
+        {term: 1.0 for term in objectives.OBJECTIVES[objective]})
+    c.loss.t_intra = 0.5
+    c.loss.t_inter = 0.5
+    c.loss.t_sup = 0.1
+    c.loss.mulsupcon_weighting = "mean"
+    c.loss.block_size = 0                # > 0: blockwise losses, O(batch * block) memory
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"           # or "lars"
+    c.optimizer.learning_rate = 1e-3     # peak, after warmup
+    c.optimizer.warmup_steps = 500
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.momentum = 0.9           # LARS
+    c.optimizer.trust_coefficient = 0.001
+    c.optimizer.grad_clip_norm = 0.0     # 0: no clipping
+    return c
+
+
+COMMON_ARGS = ("demo", "sen12ms")
+
+
+def parse_args(arg: str | None, valid: tuple[str, ...]) -> tuple[str, ...]:
+    """Splits a config file's `:ARGS` suffix ("demo,sen12ms") and checks every word."""
+    args = tuple(a for a in (arg or "").split(",") if a)
+    for a in args:
+        if a not in valid:
+            raise ValueError(f"unknown config argument {a!r}; valid: {', '.join(valid)}")
+    return args
+
+
+def apply_args(c: ml_collections.ConfigDict, args: tuple[str, ...]) -> ml_collections.ConfigDict:
+    """Applies the common arguments: `sen12ms` switches the dataset, `demo` the demo sizes."""
+    if "sen12ms" in args:
+        if "demo" in args:
+            raise ValueError("the demo uses synthetic BigEarthNet v2 data; drop 'sen12ms'")
+        c.data.name = "sen12ms"
+        c.data.num_classes = DATASETS["sen12ms"]
+        c.data.eval_split = "validation"
+        c.augment.out_size = 128         # random crops of the 256 px patches
+    if "demo" in args:
+        demo_overrides(c)
+    return c
+
+
+def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The embedded demo: synthetic BigEarthNet v2 data, tiny model, ~2 minutes on 2 CPU cores."""
+    c.data.demo = True
+    c.data.train_fraction = 1.0
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.num_train_steps = 160
+    c.log_every_steps = 20
+    c.eval_every_steps = 0
+    c.checkpoint_every_steps = 80
+    c.tsne_points = 500
+    c.augment.out_size = 48
+    c.augment.crop_scale = (0.5, 1.0)
+    c.model.width_multiplier = 0.125
+    c.model.proj_hidden_dim = 64
+    c.model.proj_dim = 32
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.warmup_steps = 10
+    return c
+
+
+def _walk(config: ml_collections.ConfigDict, prefix: str = ""):
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _walk(value, path + ".")
+        else:
+            yield path, value
+
+
+def _fail(key: str, message: str) -> None:
+    raise ValueError(f"config key '{key}': {message}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first unknown or invalid key."""
+    objective = config.get("objective")
+    if objective not in objectives.OBJECTIVES:
+        _fail("objective", f"unknown objective {objective!r}; valid: "
+              f"{', '.join(objectives.OBJECTIVES)}")
+    reference = dict(_walk(base_config(objective)))
+    values = dict(_walk(config))
+    for key in values:
+        if key not in reference and not key.startswith("loss.weights."):
+            _fail(key, "unknown key (typo?)")
+    for key in reference:
+        if key not in values and not key.startswith("loss.weights."):
+            _fail(key, "missing key; start config files from mosaic_jax.configuration."
+                  "base_config()")
+    terms = objectives.OBJECTIVES[objective]
+    for key, weight in config.loss.weights.items():
+        if key not in terms:
+            _fail(f"loss.weights.{key}", f"objective {objective} has no term {key!r}; its "
+                  f"terms: {', '.join(terms)}")
+        _number(f"loss.weights.{key}", weight, minimum=0.0)
+
+    for key in ("batch_size", "num_train_steps", "eval_batch_size", "log_every_steps",
+                "keep_checkpoints", "augment.out_size", "model.proj_hidden_dim",
+                "model.proj_dim", "data.demo_num_patches"):
+        _integer(key, values[key], minimum=1)
+    for key in ("eval_every_steps", "eval_max_batches", "checkpoint_every_steps",
+                "tsne_points", "data.worker_count", "data.prefetch_buffer",
+                "optimizer.warmup_steps", "loss.block_size", "seed", "data.subset_seed"):
+        _integer(key, values[key], minimum=0)
+    for key in ("loss.t_intra", "loss.t_inter", "loss.t_sup", "optimizer.learning_rate",
+                "model.width_multiplier"):
+        _number(key, values[key], minimum=0.0, strict=True)
+    for key in ("optimizer.weight_decay", "optimizer.grad_clip_norm", "augment.brightness",
+                "augment.contrast", "augment.sar_noise_db", "augment.sar_offset_db",
+                "model.drop_path_rate"):
+        _number(key, values[key], minimum=0.0)
+    for key in ("optimizer.b1", "optimizer.b2", "optimizer.momentum", "model.bn_momentum"):
+        _number(key, values[key], minimum=0.0, maximum=1.0)
+    for key in ("data.train_fraction", "data.label_fraction"):
+        _number(key, values[key], minimum=0.0, maximum=1.0)
+    if config.data.train_fraction == 0:
+        _fail("data.train_fraction", "must be > 0")
+
+    _choice("data.name", config.data.name, DATASETS)
+    if config.data.num_classes != DATASETS[config.data.name]:
+        _fail("data.num_classes", f"{config.data.name} has {DATASETS[config.data.name]} "
+              f"classes, got {config.data.num_classes}")
+    _choice("model.kind", config.model.kind, ("two_tower", "single_tower"))
+    _choice("model.inputs", config.model.inputs, ("s1", "s2", "s1s2"))
+    _choice("model.stem", config.model.stem, ("standard", "iai"))
+    _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
+    _choice("optimizer.name", config.optimizer.name, ("adamw", "lars"))
+    _choice("loss.mulsupcon_weighting", config.loss.mulsupcon_weighting, ("mean", "per_sample"))
+    from mosaic_jax.models import ENCODER_NAMES
+
+    for key in ("model.s1_encoder", "model.s2_encoder", "model.encoder"):
+        _choice(key, values[key], ENCODER_NAMES)
+    if config.model.stem == "iai":
+        for key in ("model.s1_encoder", "model.s2_encoder", "model.encoder"):
+            if not values[key].startswith("resnet") and (
+                    config.model.kind == "two_tower") == (key != "model.encoder"):
+                _fail("model.stem", f"'iai' applies to ResNets only, but {key} is "
+                      f"{values[key]!r}; use stem='standard'")
+
+    single = config.model.kind == "single_tower"
+    if objective in objectives.SINGLE_TOWER_ONLY and not single:
+        _fail("model.kind", f"objective {objective} needs model.kind='single_tower'")
+    if single and any(t not in ("simclr", "bce") for t in terms):
+        _fail("model.kind", f"objective {objective} needs model.kind='two_tower'")
+    if objective in objectives.SUPERVISED and config.data.label_fraction == 0:
+        _fail("data.label_fraction", f"objective {objective} needs labels (> 0)")
+
+    from mosaic_jax import bands
+
+    for key, modality in (("data.s1_bands", "s1"), ("data.s2_bands", "s2")):
+        try:
+            bands.band_stats(config.data.name, modality, values[key])
+        except ValueError as e:
+            _fail(key, str(e))
+    for key, value in (("augment.crop_scale", config.augment.crop_scale),
+                       ("augment.crop_ratio", config.augment.crop_ratio)):
+        if len(value) != 2 or not 0 < value[0] <= value[1]:
+            _fail(key, f"must be (min, max) with 0 < min <= max, got {value}")
+    if config.augment.crop_scale[1] > 1:
+        _fail("augment.crop_scale", f"max must be <= 1, got {config.augment.crop_scale}")
+
+    import jax
+
+    devices = jax.device_count()
+    if config.batch_size % devices:
+        _fail("batch_size", f"{config.batch_size} is not divisible by the {devices} devices")
+    if config.eval_batch_size % devices:
+        _fail("eval_batch_size", f"{config.eval_batch_size} is not divisible by the "
+              f"{devices} devices")
+
+
+def _integer(key: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(key, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def _number(key: str, value: Any, *, minimum: float, maximum: float | None = None,
+            strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    ok = ok and (maximum is None or value <= maximum)
+    if not ok:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        bound += f" and <= {maximum}" if maximum is not None else ""
+        _fail(key, f"must be a number {bound}, got {value!r}")
+
+
+def _choice(key: str, value: Any, valid) -> None:
+    if value not in valid:
+        _fail(key, f"{value!r} is not one of {', '.join(map(str, valid))}")
