@@ -167,10 +167,11 @@ def loss_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # Steps
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """A 1-D mesh whose `data` axis spans every device of every process."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                         axis_types=(jax.sharding.AxisType.Explicit,))
+def make_mesh(devices: list | None = None) -> jax.sharding.Mesh:
+    """A 1-D mesh whose `data` axis spans `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
+                             axis_types=(jax.sharding.AxisType.Explicit,))
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
@@ -189,10 +190,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
 
     def per_device(state: TrainState, batch: Batch):
         step_rng = jax.random.fold_in(state.rng, state.step)
-        rng = jax.random.fold_in(step_rng, jax.lax.axis_index(DATA_AXIS))
-        aug_rng, drop_rng = jax.random.split(rng)
-        views = augment.two_views(aug_rng, batch["s1"], batch["s2"], aug)
+        aug_rng, drop_rng = jax.random.split(step_rng)
         n = batch["s1"].shape[0]
+        # One key per global sample index: the views do not depend on the device count.
+        first = jax.lax.axis_index(DATA_AXIS) * n
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(aug_rng, first + jnp.arange(n))
+        views = jax.vmap(lambda k, a, b: jax.tree.map(
+            lambda v: v[0], augment.two_views(k, a[None], b[None], aug)))(
+                keys, batch["s1"], batch["s2"])
+        drop_rng = jax.random.fold_in(drop_rng, jax.lax.axis_index(DATA_AXIS))
         s1 = jnp.concatenate([views["s1_a"], views["s1_b"]])
         s2 = jnp.concatenate([views["s2_a"], views["s2_b"]])
 
@@ -216,7 +222,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         labelled = jax.lax.psum(jnp.sum(batch["label_mask"]), DATA_AXIS)
         metrics = {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()},
                    "learning_rate": schedule(state.step),
-                   "grad_norm": optax.global_norm(grads),
+                   "grad_norm": optax.tree.norm(grads),
                    "labelled_fraction": labelled / (n * jax.lax.axis_size(DATA_AXIS))}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
@@ -377,6 +383,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if is_chief:
             print(f"Resuming from the checkpoint at step {start_step}.", flush=True)
 
+    if is_chief:  # what export, report and embedding tools rebuild the model from
+        _atomic_write_text(os.path.join(workdir, "config.json"), config.to_json(indent=1))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if start_step == 0:
         writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})

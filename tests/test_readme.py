@@ -1,0 +1,24 @@
+"""README.md's Python examples run as written."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_examples_run(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README.md has no python example"
+    for i, code in enumerate(blocks):
+        if "import" not in code.split("\n", 3)[-1] and "=" not in code:
+            continue  # an import listing, not an example
+        script = tmp_path / f"example_{i}.py"
+        script.write_text(code)
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                   JAX_PLATFORMS="cpu")
+        result = subprocess.run([sys.executable, str(script)], env=env, cwd=README.parent,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,230 @@
+"""The training program: train step, device-count invariance, resume, configs, errors."""
+
+import importlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mosaic_jax import configuration, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
+
+
+def tiny(config):
+    """Shrinks a config to test size (tiny widths and images)."""
+    config.batch_size = 16
+    config.eval_batch_size = 16
+    config.augment.out_size = 16
+    config.model.width_multiplier = 1 / 32
+    config.model.proj_hidden_dim = 16
+    config.model.proj_dim = 8
+    return config
+
+
+def load_config(name, arg="demo"):
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def random_batch(config, n, seed=0, size=24):
+    rng = np.random.default_rng(seed)
+    (_, _, c1), (_, _, c2) = train.input_shapes(config)
+    labels = rng.random((n, config.data.num_classes)) < 0.3
+    labels[:, 0] |= ~labels.any(axis=1)
+    # Learnable signal: channel 0 of S2 carries the first label.
+    s2 = rng.normal(size=(n, size, size, c2)).astype(np.float32)
+    s2[..., 0] += 2.0 * labels[:, :1, None].astype(np.float32)
+    return {"s1": rng.normal(size=(n, size, size, c1)).astype(np.float32), "s2": s2,
+            "labels": labels.astype(np.float32), "label_mask": rng.random(n) < 0.8}
+
+
+def setup(config, devices=None):
+    mesh = train.make_mesh(devices)
+    model = train.create_model(config)
+    tx = train.create_optimizer(config)
+    state = train.init_state(config, model, tx)
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return mesh, train.make_train_step(config, model, tx, mesh), state
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+    config = tiny(load_config("mosaic1"))
+    config.optimizer.learning_rate = 1e-2
+    config.optimizer.warmup_steps = 0
+    config.num_train_steps = 15
+    # Deterministic views, so that the loss of successive steps is comparable.
+    a = config.augment
+    a.crop_scale, a.hflip, a.vflip, a.rot90 = (1.0, 1.0), False, False, False
+    a.brightness = a.contrast = a.sar_noise_db = a.sar_offset_db = 0.0
+    mesh, step, state = setup(config)
+    batch = train.global_batch(random_batch(config, 16), mesh, train.TRAIN_KEYS)
+    first = None
+    for _ in range(config.num_train_steps):
+        state, metrics = step(state, batch)
+        first = float(metrics["loss"]) if first is None else first
+        assert np.isfinite(float(metrics["loss"]))
+    assert float(metrics["loss"]) < 0.7 * first, (first, float(metrics["loss"]))
+    assert int(state.step) == config.num_train_steps
+
+
+def test_step_on_eight_devices_matches_one_device():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    config = tiny(load_config("mosaic1"))
+    local = random_batch(config, 16, seed=3)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()[:8]):
+        mesh, step, state = setup(config, devices)
+        batch = train.global_batch(local, mesh, train.TRAIN_KEYS)
+        for _ in range(2):
+            state, metrics = step(state, batch)
+        results.append((jax.device_get(state), jax.device_get(metrics)))
+    (s1, m1), (s8, m8) = results
+    for key in m1:
+        np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves((s8.params, s8.batch_stats, s8.opt_state)),
+                    jax.tree.leaves((s1.params, s1.batch_stats, s1.opt_state)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, arg", [(n, "demo") for n in CONFIG_NAMES]
+                         + [("supervised", "demo,convnext"), ("supervised", "demo,late")])
+def test_every_config_builds_and_its_step_compiles_ahead_of_time(name, arg):
+    config = tiny(load_config(name, arg))
+    configuration.validate_config(config)
+    mesh = train.make_mesh()
+    model = train.create_model(config)
+    tx = train.create_optimizer(config)
+    state = jax.eval_shape(lambda: train.init_state(config, model, tx))
+    shapes = train.input_shapes(config)
+    b = config.batch_size
+    batch = {"s1": jax.ShapeDtypeStruct((b, 24, 24, shapes[0][-1]), jnp.float32),
+             "s2": jax.ShapeDtypeStruct((b, 24, 24, shapes[1][-1]), jnp.float32),
+             "labels": jax.ShapeDtypeStruct((b, config.data.num_classes), jnp.float32),
+             "label_mask": jax.ShapeDtypeStruct((b,), jnp.bool_)}
+    data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                         state)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data) for k, v in batch.items()}
+    compiled = train.make_train_step(config, model, tx, mesh).lower(state, batch).compile()
+    assert compiled is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration errors
+
+
+def test_full_recipe_uses_ten_percent_of_the_training_data():
+    config = load_config("mosaic1", None)
+    configuration.validate_config(config)
+    assert config.data.train_fraction == 0.1 and not config.data.demo
+    assert config.data.name == "bigearthnet_v2"
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda c: c.unlock().__setattr__("batchsize", 3), "batchsize"),
+    (lambda c: c.model.unlock().__setattr__("encoders", "x"), "model.encoders"),
+    (lambda c: setattr(c, "batch_size", 12), "batch_size"),
+    (lambda c: setattr(c.model, "s1_encoder", "resnet99"), "model.s1_encoder"),
+    (lambda c: setattr(c.loss, "t_sup", -0.1), "loss.t_sup"),
+    (lambda c: setattr(c.data, "train_fraction", 1.5), "data.train_fraction"),
+    (lambda c: setattr(c.data, "s2_bands", "s2_everything"), "data.s2_bands"),
+    (lambda c: setattr(c.optimizer, "name", "sgd"), "optimizer.name"),
+    (lambda c: c.loss.weights.unlock().__setattr__("intra", 1.0), "loss.weights.intra"),
+    (lambda c: setattr(c, "objective", "mosaic3"), "objective"),
+])
+def test_invalid_config_raises_an_error_naming_the_key(change, key):
+    config = load_config("mosaic1")
+    change(config)
+    with pytest.raises(ValueError, match=f"config key '{key}'"):
+        configuration.validate_config(config)
+
+
+def test_unknown_config_argument_is_rejected():
+    with pytest.raises(ValueError, match="unknown config argument 'dmeo'"):
+        load_config("mosaic1", "dmeo")
+
+
+def _run_main(*args, cwd=REPO):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "mosaic_jax.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_rejects_unknown_key_and_missing_dataset(tmp_path):
+    bad = _run_main("--config=configs/mosaic1.py", f"--workdir={tmp_path}/w",
+                    "--config.model.widht_multiplier=2")
+    assert bad.returncode != 0 and "widht_multiplier" in bad.stderr
+    missing = _run_main("--config=configs/mosaic1.py", f"--workdir={tmp_path}/w",
+                        f"--config.data.data_dir={tmp_path}/nothing")
+    assert missing.returncode != 0
+    assert "python -m data_builders.prepare bigearthnet_v2" in missing.stderr, missing.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole program on a prepared fake dataset
+
+
+@pytest.fixture(scope="module")
+def prepared_fake(tmp_path_factory):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import data_builders.bigearthnet_v2  # noqa: F401
+    from data_builders.fake_bigearthnet import write_fake_bigearthnet
+
+    root = tmp_path_factory.mktemp("fake_ben")
+    write_fake_bigearthnet(root / "raw", 40, seed=1)
+    tfds.builder("bigearthnet_v2", data_dir=str(root / "tfds"),
+                 file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(root / "raw")))
+    return str(root / "tfds")
+
+
+def program_config(data_dir):
+    config = tiny(load_config("mosaic1"))
+    config.data.demo = False
+    config.data.data_dir = data_dir
+    config.num_train_steps = 6
+    config.checkpoint_every_steps = 3
+    config.log_every_steps = 2
+    config.tsne_points = 50
+    return config
+
+
+def _params(workdir, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))
+    return restored["state"]["params"]
+
+
+def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, tmp_path, capsys):
+    config = program_config(prepared_fake)
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    metrics_full = train.train_and_evaluate(config, full)
+    # Interrupt after the step-3 checkpoint: run, then drop the later checkpoint and rerun.
+    train.train_and_evaluate(config, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+    capsys.readouterr()
+    metrics_resumed = train.train_and_evaluate(config, resumed)
+    assert "Resuming from the checkpoint at step 3" in capsys.readouterr().out
+
+    for a, b in zip(jax.tree.leaves(_params(full, 6)), jax.tree.leaves(_params(resumed, 6)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert metrics_full == metrics_resumed
+    for name in ("metrics_validation.json", "metrics_validation.md", "tsne_validation.png"):
+        assert os.path.getsize(os.path.join(full, name)) > 0
+    record = json.loads(open(os.path.join(full, "metrics_validation.json")).read())
+    assert record["step"] == 6 and record["macro_ap"] == metrics_full["macro_ap"]
