@@ -21,10 +21,20 @@ class PatchError(ValueError):
     """A patch cannot be read as the dataset's contract says; the message names file and patch."""
 
     def __init__(self, message: str, *, patch_id: str, path: str | os.PathLike | None = None):
+        self.reason = message
         self.patch_id = patch_id
         self.path = None if path is None else str(path)
         where = f" (file {self.path})" if self.path else ""
         super().__init__(f"patch {patch_id}: {message}{where}")
+
+    def __reduce__(self):
+        # Picklable despite the keyword-only arguments, so that it crosses process boundaries
+        # (multiprocessing workers) unchanged.
+        return _rebuild_patch_error, (self.reason, self.patch_id, self.path)
+
+
+def _rebuild_patch_error(message: str, patch_id: str, path: str | None) -> PatchError:
+    return PatchError(message, patch_id=patch_id, path=path)
 
 
 def find_tiff(directory: str | os.PathLike, stem: str, *, patch_id: str) -> Path:
@@ -34,7 +44,8 @@ def find_tiff(directory: str | os.PathLike, stem: str, *, patch_id: str) -> Path
         candidate = directory / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
-    raise PatchError(f"missing file {stem}.tif (or .tiff)", patch_id=patch_id, path=directory / f"{stem}.tif")
+    raise PatchError(f"missing file {stem}.tif (or .tiff)", patch_id=patch_id,
+                     path=directory / f"{stem}.tif")
 
 
 def read_tiff(
@@ -67,7 +78,8 @@ def read_tiff(
                                  patch_id=patch_id, path=path)
             data = src.read()  # [bands, H, W], whatever the interleave on disk.
     except RasterioError as e:
-        raise PatchError(f"unreadable GeoTIFF: {e}", patch_id=patch_id, path=path) from e
+        detail = f"{e}: {e.__cause__}" if e.__cause__ else str(e)  # GDAL's own message.
+        raise PatchError(f"unreadable GeoTIFF: {detail}", patch_id=patch_id, path=path) from e
     return data[0] if bands is None else np.moveaxis(data, 0, -1)
 
 
