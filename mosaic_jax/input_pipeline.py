@@ -1,0 +1,619 @@
+"""Host input pipeline on Grain: read prepared TFDS examples, normalise, batch, shard.
+
+The host only decodes, selects and normalises bands and batches (augmentation runs on the
+accelerator, see `mosaic_jax.augment`). Sources are random-access (``len`` and ``__getitem__``
+returning a dict of numpy arrays), e.g. the TFDS array_record data source from `open_source`, or
+a plain list of such dicts in tests.
+
+Sharding: every process builds the same global element order (epoch e is a numpy permutation
+seeded by (seed, e)); global batch ``k`` is the elements ``k*G .. k*G+G-1`` of that order and
+process ``p`` takes elements ``p*b .. p*b+b-1`` of it (``b = G // process_count``). So the union
+of the local batches of all processes is exactly the one-process global batch, epochs run into
+each other without a partial batch, and the element order does not depend on the number of Grain
+worker processes. Each Grain element is one local batch, so an iterator's state is just the
+next batch index: `get_state()` / `set_state()` resume exactly.
+
+Reading: for TFDS array_record sources only the needed features (s1, s2, labels) are decoded
+straight from the serialized records (zero-copy for raw tensor buffers), after checking once that
+this reproduces TFDS's own decoding; other sources are indexed normally.
+
+Subsets: `train_fraction` and `label_fraction` select patches by a stable hash of
+(subset_seed, patch_id) (`subset_mask`), the same on every host, run and storage order. A patch
+with hash value u in [0, 1) is in the training subset iff u < train_fraction and labelled iff
+u < train_fraction * label_fraction, so labelled subsets are nested within the training subset and
+within each other (the 1 % labelled patches are part of the 10 % ones).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import math
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from mosaic_jax import bands as bands_lib
+
+_PREPARE_HINT = (
+    "prepare it with: python -m data_builders.prepare {name} --manual_dir <raw data dir> "
+    "--data_dir {data_dir}"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def _versions(directory: str) -> list[tuple[tuple[int, ...], str]]:
+    """(parsed version, path) of the prepared versions (with dataset_info.json) in directory."""
+    out = []
+    if os.path.isdir(directory):
+        for v in os.listdir(directory):
+            if os.path.isfile(os.path.join(directory, v, "dataset_info.json")):
+                try:
+                    out.append((tuple(int(p) for p in v.split(".")), os.path.join(directory, v)))
+                except ValueError:
+                    continue
+    return out
+
+
+def _find_prepared(name: str, data_dir: str) -> str | None:
+    """Directory of a prepared dataset, newest version, or None.
+
+    `name` is "dataset", "dataset/config" or either with ":version"; layouts
+    data_dir/dataset/version and data_dir/dataset/config/version. Without a config, a dataset
+    prepared with configs resolves to its "default" config, or to its only config.
+    """
+    base, _, version = name.partition(":")
+    dataset, _, config = base.partition("/")
+    root = os.path.join(data_dir, dataset)
+    if config:
+        dirs = [os.path.join(root, config)]
+    elif _versions(root):
+        dirs = [root]
+    else:
+        configs = sorted(c for c in os.listdir(root) if _versions(os.path.join(root, c))) if (
+            os.path.isdir(root)) else []
+        if "default" in configs:
+            configs = ["default"]
+        if len(configs) > 1:
+            raise ValueError(f"{dataset} is prepared with several configs {configs} in "
+                             f"{data_dir}; name one, e.g. {dataset}/{configs[0]}")
+        dirs = [os.path.join(root, c) for c in configs]
+    found = [v for d in dirs for v in _versions(d)]
+    if version:
+        found = [v for v in found if os.path.basename(v[1]) == version]
+    return max(found)[1] if found else None
+
+
+def open_source(name: str, split: str, data_dir: str) -> Any:
+    """Opens a prepared TFDS dataset as a random-access array_record data source.
+
+    Args:
+      name: TFDS name, e.g. "bigearthnet_v2" or "sen12ms", optionally with a config and/or
+        version ("bigearthnet_v2/default:1.0.0"); without a config, "default" is used when the
+        dataset was prepared with configs.
+      split: TFDS split spec, e.g. "train", "validation", "test[:1000]".
+      data_dir: TFDS data directory the dataset was prepared into.
+
+    Returns:
+      A data source with len() and __getitem__ returning a dict of numpy arrays.
+
+    Raises:
+      FileNotFoundError: the dataset is not prepared in data_dir (the message says how to).
+      ValueError: it was prepared in another file format than array_record.
+    """
+    path = _find_prepared(name, data_dir)
+    if path is None:
+        dataset, _, config = name.partition(":")[0].partition("/")
+        hint = _PREPARE_HINT.format(name=dataset, data_dir=data_dir)
+        raise FileNotFoundError(f"dataset {name!r} is not prepared in {data_dir!r}; " + hint
+                                + (f" --config {config}" if config else ""))
+    import tensorflow_datasets as tfds  # heavy import: only when a source is opened
+
+    # Reading from the directory needs neither TensorFlow nor the builder's code.
+    builder = tfds.builder_from_directory(path)
+    file_format = getattr(builder.info, "file_format", None)
+    file_format = str(getattr(file_format, "value", file_format) or "")
+    if "array_record" not in file_format:
+        raise ValueError(
+            f"{path} was prepared as {file_format or 'unknown format'!r}, random access needs "
+            "array_record; re-prepare with file_format=array_record"
+        )
+    return builder.as_data_source(split=split)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, start: int, end: int):
+    """Yields (field number, value start, value end) of the length-delimited fields of a proto
+    message in buf[start:end]; other wire types are skipped."""
+    pos = start
+    while pos < end:
+        tag, pos = _read_varint(buf, pos)
+        wire = tag & 7
+        if wire == 2:
+            n, pos = _read_varint(buf, pos)
+            yield tag >> 3, pos, pos + n
+            pos += n
+        elif wire == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def _bytes_feature(record: bytes, key: bytes) -> bytes | None:
+    """First value of bytes feature `key` of a serialized tf.train.Example, without parsing (or
+    copying) the other features; None if absent. Example{1: Features{1: map entry{1: key,
+    2: Feature{1: BytesList{1: value}}}}}."""
+    buf = memoryview(record)
+    for f, s, e in _fields(buf, 0, len(buf)):
+        if f != 1:
+            continue
+        for f2, s2, e2 in _fields(buf, s, e):
+            if f2 != 1:
+                continue
+            entry = {k: (a, b) for k, a, b in _fields(buf, s2, e2)}
+            if 1 not in entry or 2 not in entry or buf[entry[1][0]:entry[1][1]] != key:
+                continue
+            for f3, s3, e3 in _fields(buf, *entry[2]):
+                if f3 == 1:  # bytes_list
+                    for f4, s4, e4 in _fields(buf, s3, e3):
+                        if f4 == 1:
+                            return bytes(buf[s4:e4])
+            return None
+    return None
+
+
+def _packed_varints(buf: memoryview, start: int, end: int) -> list[int]:
+    out = []
+    pos = start
+    while pos < end:
+        v, pos = _read_varint(buf, pos)
+        out.append(v - (1 << 64) if v >= 1 << 63 else v)  # int64 two's complement
+    return out
+
+
+def _feature_values(buf: memoryview, start: int, end: int, dtype: np.dtype) -> np.ndarray | None:
+    """Values of one serialized tf.train.Feature as a flat numpy array, or None if unsupported.
+
+    bytes_list with one value and a numeric dtype is a raw tensor buffer (TFDS Encoding.BYTES,
+    native byte order); int64_list / float_list are packed."""
+    for kind, s, e in _fields(buf, start, end):
+        values = [(s2, e2) for f, s2, e2 in _fields(buf, s, e) if f == 1]
+        if kind == 1:  # bytes_list
+            if len(values) != 1 or dtype.kind in "OSU":
+                return None
+            return np.frombuffer(buf[values[0][0]:values[0][1]], dtype=dtype)
+        if kind == 2:  # float_list (packed little-endian float32)
+            parts = [np.frombuffer(buf[a:b], dtype="<f4") for a, b in values]
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+        if kind == 3:  # int64_list (packed varints)
+            ints = [v for a, b in values for v in _packed_varints(buf, a, b)]
+            return np.array(ints, dtype=np.int64).astype(dtype)
+    return None
+
+
+class _RawTfdsDecoder:
+    """Decodes only the wanted tensor features of serialized TFDS examples, zero-copy for raw
+    tensor buffers: much cheaper than TFDS's full decode (which parses and copies every
+    feature). Enabled only after checking it reproduces TFDS's decode of the first example."""
+
+    def __init__(self, source: Any, keys: Sequence[str]):
+        self.keys = tuple(keys)
+        self.raw = source.data_source
+        feats = source.dataset_info.features
+        self.specs = {k: (np.dtype(feats[k].np_dtype), tuple(feats[k].shape)) for k in self.keys}
+        ref = source[0]
+        got = self.decode(self.raw[0])
+        self.ok = got is not None and all(
+            np.asarray(ref[k]).dtype == got[k].dtype and np.array_equal(ref[k], got[k])
+            for k in self.keys
+        )
+
+    def decode(self, record: bytes) -> dict[str, np.ndarray] | None:
+        buf = memoryview(record)
+        wanted = {k.encode(): k for k in self.keys}
+        out: dict[str, np.ndarray] = {}
+        for f, s, e in _fields(buf, 0, len(buf)):
+            if f != 1:
+                continue
+            for f2, s2, e2 in _fields(buf, s, e):
+                if f2 != 1:
+                    continue
+                entry = {k: (a, b) for k, a, b in _fields(buf, s2, e2)}
+                if 1 not in entry or 2 not in entry:
+                    continue
+                key = wanted.get(bytes(buf[entry[1][0]:entry[1][1]]))
+                if key is None:
+                    continue
+                dtype, shape = self.specs[key]
+                vals = _feature_values(buf, *entry[2], dtype)
+                if vals is None or vals.size != int(np.prod(shape)):
+                    return None
+                out[key] = vals.reshape(shape)
+        return out if len(out) == len(self.keys) else None
+
+    def read(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        # One record at a time: array_record's batched read starts a thread pool per call, which
+        # costs more CPU than it saves here; parallelism comes from Grain threads / workers.
+        decoded = [self.decode(self.raw[i]) for i in indices]
+        if any(d is None for d in decoded):
+            raise ValueError("unexpected serialized example layout")
+        return decoded  # type: ignore[return-value]
+
+
+def _make_reader(source: Any, keys: Sequence[str]) -> Any:
+    """A `read(indices) -> list[dict]` for `source`: the raw TFDS decoder when it applies."""
+    if hasattr(source, "data_source") and hasattr(source, "dataset_info"):
+        try:
+            dec = _RawTfdsDecoder(source, keys)
+            if dec.ok:
+                return dec.read
+        except Exception:  # any surprise: fall back to TFDS's own decoding
+            pass
+    return functools.partial(_get_many, source)
+
+
+def _to_str(x: Any) -> str:
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if isinstance(x, np.ndarray):
+        x = x.item()
+        return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+    return str(x)
+
+
+def read_patch_ids(source: Any, *, chunk_size: int = 256,
+                   num_threads: int | None = None) -> list[str]:
+    """patch_id of every example of `source`, in source order.
+
+    Reads only what is needed: a source exposing `patch_ids` is used as is; for a TFDS
+    array_record source the raw records are read in chunks by `num_threads` threads (default:
+    min(16, CPU count)) and only the `patch_id` field is extracted from each serialized proto
+    (images are neither decoded nor copied; the records still have to be read and decompressed,
+    about 1-2 ms per BigEarthNet record per core); any other source is indexed example by
+    example. Nothing is cached.
+    """
+    ids = getattr(source, "patch_ids", None)
+    if ids is not None:
+        return [_to_str(i) for i in ids]
+    n = len(source)
+    raw = getattr(source, "data_source", None)
+    if raw is None or not hasattr(raw, "__getitem__") or len(raw) != n:
+        return [_to_str(source[i]["patch_id"]) for i in range(n)]
+
+    def chunk(start: int) -> list[str]:
+        out = []
+        for k in range(start, min(n, start + chunk_size)):
+            pid = _bytes_feature(raw[k], b"patch_id")
+            out.append(pid.decode("utf-8") if pid is not None else _to_str(source[k]["patch_id"]))
+        return out
+
+    starts = range(0, n, chunk_size)
+    threads = num_threads or min(16, os.cpu_count() or 1)
+    if threads <= 1 or len(starts) <= 1:
+        return [pid for s in starts for pid in chunk(s)]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return [pid for part in pool.map(chunk, starts) for pid in part]
+
+
+# ---------------------------------------------------------------------------------------------
+# Subsets
+
+
+def _check_fraction(name: str, fraction: float) -> float:
+    fraction = float(fraction)
+    if not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
+        raise ValueError(f"{name} must be in [0, 1], got {fraction}")
+    return fraction
+
+
+def subset_hash(patch_ids: Sequence[str | bytes], seed: int) -> np.ndarray:
+    """Stable per-patch value in [0, 1): first 8 bytes of sha256(f"{seed}:{patch_id}") / 2**64.
+
+    Identical on every host, run and Python version (unlike `hash`). float64 [len(patch_ids)].
+    """
+    out = np.empty(len(patch_ids), np.float64)
+    for i, pid in enumerate(patch_ids):
+        digest = hashlib.sha256(f"{seed}:{_to_str(pid)}".encode()).digest()
+        out[i] = int.from_bytes(digest[:8], "big") / 2.0**64
+    return out
+
+
+def subset_mask(patch_ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+    """Deterministic subset membership: bool [len(patch_ids)], True iff subset_hash < fraction.
+
+    About `fraction` of the patches are selected; a larger fraction selects a superset; another
+    seed selects an independent subset. ValueError unless 0 <= fraction <= 1.
+    """
+    fraction = _check_fraction("fraction", fraction)
+    return subset_hash(patch_ids, seed) < fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"invalid process_index {process_index} / process_count {process_count}")
+    return int(process_index), int(process_count)
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of "
+            f"process_count {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def _get_many(source: Any, indices: Sequence[int]) -> list[dict]:
+    """Reads several examples; uses the source's batched read when it has one."""
+    if hasattr(source, "__getitems__"):
+        return list(source.__getitems__(list(indices)))
+    return [source[i] for i in indices]
+
+
+class _Normalizer:
+    """Band selection + normalisation of one example's s1/s2 into batch buffers."""
+
+    def __init__(self, dataset: str, s1_bands: str | Sequence[str], s2_bands: str | Sequence[str]):
+        if dataset not in bands_lib.DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; expected one of {bands_lib.DATASETS}")
+        self.dataset = dataset
+        self.s1_bands = bands_lib.resolve_bands(s1_bands, dataset, "s1")
+        self.s2_bands = bands_lib.resolve_bands(s2_bands, dataset, "s2")
+        # Fail early on bands without statistics.
+        bands_lib.band_stats(dataset, "s1", self.s1_bands)
+        bands_lib.band_stats(dataset, "s2", self.s2_bands)
+
+    def new_batch(self, example: dict, size: int) -> dict[str, np.ndarray]:
+        """Zeroed buffers for `size` examples shaped like `example`."""
+        h1, w1 = np.shape(example["s1"])[:2]
+        h2, w2 = np.shape(example["s2"])[:2]
+        return dict(
+            s1=np.zeros((size, h1, w1, len(self.s1_bands)), np.float32),
+            s2=np.zeros((size, h2, w2, len(self.s2_bands)), np.float32),
+            labels=np.zeros((size, np.shape(example["labels"])[-1]), np.float32),
+        )
+
+    def fill(self, batch: dict[str, np.ndarray], j: int, example: dict) -> None:
+        bands_lib.normalize(example["s1"], self.dataset, "s1", self.s1_bands, out=batch["s1"][j])
+        bands_lib.normalize(example["s2"], self.dataset, "s2", self.s2_bands, out=batch["s2"][j])
+        batch["labels"][j] = np.asarray(example["labels"], np.float32)
+
+
+class _EpochOrder:
+    """The global element order: epoch e is a permutation of range(n) seeded by (seed, e).
+
+    numpy's PCG64 seeded with a SeedSequence of (seed, e): the same on every host (given the
+    same numpy). Permutations are computed lazily and the last two are cached (O(n) memory).
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # Grain calls batches from several threads
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            perm = self._cache.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                if len(self._cache) >= 2:
+                    self._cache.pop(min(self._cache))
+                self._cache[epoch] = perm
+            return perm
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        """Elements start .. start+count-1 of the infinite order (positions into range(n))."""
+        out = np.empty(count, np.int64)
+        done = 0
+        while done < count:
+            epoch, offset = divmod(start + done, self.n)
+            m = min(count - done, self.n - offset)
+            out[done:done + m] = self._perm(epoch)[offset:offset + m]
+            done += m
+        return out
+
+    def __getstate__(self) -> dict:
+        return dict(n=self.n, seed=self.seed)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["n"], state["seed"])
+
+
+class _TrainBatch:
+    """Local train batch k -> dict of numpy arrays (picklable for Grain worker processes)."""
+
+    def __init__(self, source: Any, order: _EpochOrder, kept: np.ndarray,
+                 labelled: np.ndarray, norm: _Normalizer, global_batch_size: int,
+                 local_batch_size: int, process_index: int):
+        self.order, self.kept, self.labelled = order, kept, labelled
+        self.read = _make_reader(source, ("s1", "s2", "labels"))
+        self.norm = norm
+        self.g, self.b, self.p = global_batch_size, local_batch_size, process_index
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        start = int(k) * self.g + self.p * self.b
+        pos = self.order.take(start, self.b)
+        examples = self.read([int(i) for i in self.kept[pos]])
+        batch = self.norm.new_batch(examples[0], self.b)
+        for j, ex in enumerate(examples):
+            self.norm.fill(batch, j, ex)
+        mask = self.labelled[pos]
+        batch["labels"] *= mask[:, None]
+        batch["label_mask"] = mask.copy()
+        return batch
+
+
+class _EvalBatch:
+    """Local eval batch k -> dict with a `valid` mask; padding rows are zeros."""
+
+    def __init__(self, source: Any, norm: _Normalizer, global_batch_size: int,
+                 local_batch_size: int, process_index: int):
+        self.source, self.norm = source, norm
+        self.read = _make_reader(source, ("s1", "s2", "labels"))
+        self.g, self.b, self.p = global_batch_size, local_batch_size, process_index
+        self.n = len(source)
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        start = int(k) * self.g + self.p * self.b
+        index = np.arange(start, start + self.b, dtype=np.int64)
+        valid = index < self.n
+        examples = self.read([int(i) for i in index[valid]])
+        template = examples[0] if examples else self.source[0]
+        batch = self.norm.new_batch(template, self.b)
+        for j, ex in enumerate(examples):  # valid rows come first
+            self.norm.fill(batch, j, ex)
+        batch["valid"] = valid
+        batch["index"] = np.where(valid, index, -1)
+        return batch
+
+
+def _read_options(prefetch_buffer: int) -> grain.ReadOptions:
+    if prefetch_buffer < 0:
+        raise ValueError(f"prefetch_buffer must be >= 0, got {prefetch_buffer}")
+    # Each element is a whole batch; threads beyond the buffer size would idle.
+    return grain.ReadOptions(num_threads=prefetch_buffer, prefetch_buffer_size=prefetch_buffer)
+
+
+def make_train_dataset(
+    source: Any,
+    *,
+    dataset: str,
+    global_batch_size: int,
+    seed: int,
+    s1_bands: str | Sequence[str],
+    s2_bands: str | Sequence[str],
+    train_fraction: float = 1.0,
+    label_fraction: float = 1.0,
+    subset_seed: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    prefetch_buffer: int = 2,
+) -> grain.IterDataset:
+    """Infinite, shuffled, process-sharded training batches.
+
+    Args:
+      source: random-access source of examples (dict with s1, s2, labels, patch_id).
+      dataset: "bigearthnet_v2" or "sen12ms" (selects band layout and statistics).
+      global_batch_size: batch size over all processes (multiple of process_count).
+      seed: shuffle seed; epoch e uses a permutation derived from (seed, e), equal on all hosts.
+      s1_bands, s2_bands: band names in model channel order, or a subset name ("official12").
+      train_fraction: fraction of the split kept (by patch_id hash, see module docstring).
+      label_fraction: fraction of the kept patches whose labels are used (the rest have
+        label_mask False and zeroed labels).
+      subset_seed: seed of the patch_id hash.
+      process_index, process_count: this process's slice; default jax.process_index/count().
+      worker_count: Grain worker processes (0: threads in this process only).
+      prefetch_buffer: local batches prefetched (per worker when worker_count > 0).
+
+    Returns:
+      IterDataset of dicts: s1 float32 [b, H, W, c1], s2 float32 [b, H, W, c2], labels float32
+      [b, C], label_mask bool [b], with b = global_batch_size // process_count. Its iterator
+      supports get_state()/set_state() for exact resumption.
+    """
+    p, count = _process_info(process_index, process_count)
+    b = _local_batch_size(global_batch_size, count)
+    train_fraction = _check_fraction("train_fraction", train_fraction)
+    label_fraction = _check_fraction("label_fraction", label_fraction)
+    if train_fraction == 0.0:
+        raise ValueError("train_fraction must be > 0")
+    norm = _Normalizer(dataset, s1_bands, s2_bands)
+    n = len(source)
+    if n == 0:
+        raise ValueError("the source is empty")
+    label_cut = train_fraction * label_fraction
+    if train_fraction < 1.0 or 0.0 < label_cut < train_fraction:
+        u = subset_hash(read_patch_ids(source), subset_seed)
+        kept = np.flatnonzero(u < train_fraction)
+        labelled = u[kept] < label_cut
+        if kept.size == 0:
+            raise ValueError(f"train_fraction {train_fraction} keeps none of {n} examples")
+    else:  # no patch ids needed
+        kept = np.arange(n)
+        labelled = np.full(n, label_cut > 0.0)
+    order = _EpochOrder(int(kept.size), seed)
+    num_batches = (sys.maxsize - global_batch_size) // global_batch_size
+    ds = grain.MapDataset.range(num_batches).map(
+        _TrainBatch(source, order, kept, labelled, norm, global_batch_size, b, p)
+    )
+    if worker_count > 0:
+        from absl import flags
+
+        # Grain's worker processes read absl flags; outside an absl app nobody parses them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+        return it.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=max(1, prefetch_buffer)
+            )
+        )
+    return ds.to_iter_dataset(_read_options(prefetch_buffer))
+
+
+def make_eval_dataset(
+    source: Any,
+    *,
+    dataset: str,
+    global_batch_size: int,
+    s1_bands: str | Sequence[str],
+    s2_bands: str | Sequence[str],
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch_buffer: int = 2,
+) -> grain.IterDataset:
+    """One ordered pass over `source`; every example appears exactly once over all processes.
+
+    Global batch k holds examples k*G .. k*G+G-1 (process p: its slice p*b .. p*b+b-1); all
+    processes yield ceil(len / G) batches (static shapes for SPMD). Elements: s1, s2, labels as in
+    `make_train_dataset`, `valid` bool [b] (False on padding rows, which are zeros and come
+    last) and `index` int64 [b] (example index in the source, -1 on padding).
+    """
+    p, count = _process_info(process_index, process_count)
+    b = _local_batch_size(global_batch_size, count)
+    norm = _Normalizer(dataset, s1_bands, s2_bands)
+    n = len(source)
+    if n == 0:
+        raise ValueError("the source is empty")
+    num_batches = -(-n // global_batch_size)
+    ds = grain.MapDataset.range(num_batches).map(_EvalBatch(source, norm, global_batch_size, b, p))
+    return ds.to_iter_dataset(_read_options(prefetch_buffer))
+
+
+def take(dataset: grain.IterDataset, num: int) -> list[dict[str, np.ndarray]]:
+    """First `num` elements of a fresh iterator (convenience for tests and benchmarks)."""
+    it = iter(dataset)
+    return [next(it) for _ in range(num)]
+

@@ -1,0 +1,292 @@
+"""Tests of the on-accelerator augmentations (small images, CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mosaic_jax import augment as A
+
+H = 16
+NOPHOTO = dict(brightness=0.0, contrast=0.0, sar_noise_db=0.0)
+
+
+def coord_images(b: int, h: int, w: int, c1: int = 2, c2: int = 5) -> tuple[np.ndarray, ...]:
+    """S1/S2 batches whose channels encode (row, col): channel k = row * (k+1) + col * (k+2)."""
+    yy, xx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
+                         indexing="ij")
+
+    def make(c):
+        im = np.stack([yy * (k + 1) + xx * (k + 2) for k in range(c)], -1)
+        return np.broadcast_to(im, (b, h, w, c)).copy()
+
+    return make(c1), make(c2)
+
+
+def _rc(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    c0, c1 = x[..., 0].astype(np.float64), x[..., 1].astype(np.float64)
+    # c0 = y + 2x, c1 = 2y + 3x  ->  y = -3 c0 + 2 c1, x = 2 c0 - c1
+    return -3 * c0 + 2 * c1, 2 * c0 - c1
+
+
+def dihedral(x: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips/rotations of [H, W, C]."""
+    return [np.rot90(f, k) for f in (x, x[:, ::-1]) for k in range(4)]
+
+
+def test_shapes_dtypes_jit():
+    cfg = A.AugmentConfig(out_size=12)
+    s1, s2 = coord_images(3, H, H)
+    f = jax.jit(functools.partial(A.two_views, cfg=cfg))
+    out = f(jax.random.key(0), jnp.asarray(s1), jnp.asarray(s2))
+    assert set(out) == {"s1_a", "s1_b", "s2_a", "s2_b"}
+    assert out["s1_a"].shape == out["s1_b"].shape == (3, 12, 12, 2)
+    assert out["s2_a"].shape == out["s2_b"].shape == (3, 12, 12, 5)
+    for dt in (jnp.bfloat16, jnp.float32):
+        o = f(jax.random.key(0), jnp.asarray(s1, dt), jnp.asarray(s2, dt))
+        assert all(v.dtype == dt for v in o.values())
+        assert all(bool(jnp.isfinite(v.astype(jnp.float32)).all()) for v in o.values())
+    single = jax.jit(A.augment_single, static_argnames=("cfg", "modality"))
+    k = jax.random.key(1)
+    assert single(k, jnp.asarray(s2), cfg=cfg, modality="s2").shape == (3, 12, 12, 5)
+    assert single(k, jnp.asarray(s1[0]), cfg=cfg, modality="s1").shape == (12, 12, 2)
+    # Upsampling works too.
+    big = A.augment_single(jax.random.key(2), jnp.asarray(s2), A.AugmentConfig(out_size=24), "s2")
+    assert big.shape == (3, 24, 24, 5)
+
+
+def test_two_views_under_vmap_and_deterministic():
+    cfg = A.AugmentConfig(out_size=8)
+    s1, s2 = coord_images(2, H, H)
+    keys = jax.random.split(jax.random.key(0), 3)
+    out = jax.jit(jax.vmap(lambda k: A.two_views(k, jnp.asarray(s1), jnp.asarray(s2), cfg)))(keys)
+    assert out["s2_a"].shape == (3, 2, 8, 8, 5)
+    again = A.two_views(keys[1], jnp.asarray(s1), jnp.asarray(s2), cfg)
+    np.testing.assert_allclose(np.asarray(out["s2_a"][1]), np.asarray(again["s2_a"]), atol=1e-4)
+    assert not np.allclose(out["s2_a"][0], out["s2_a"][1])
+
+
+def test_shared_spatial_keeps_s1_s2_coregistered_and_views_differ():
+    cfg = A.AugmentConfig(out_size=10, **NOPHOTO)
+    s1, s2 = coord_images(8, H, H)
+    out = A.two_views(jax.random.key(3), jnp.asarray(s1), jnp.asarray(s2), cfg)
+    for v in "ab":
+        y1, x1 = _rc(np.asarray(out[f"s1_{v}"]))
+        y2, x2 = _rc(np.asarray(out[f"s2_{v}"]))
+        np.testing.assert_allclose(y1, y2, atol=1e-3)
+        np.testing.assert_allclose(x1, x2, atol=1e-3)
+        # All channels of S2 come from the same location: channel 4 = 5 y + 6 x.
+        np.testing.assert_allclose(np.asarray(out[f"s2_{v}"])[..., 4], 5 * y2 + 6 * x2, atol=1e-3)
+    assert not np.allclose(out["s2_a"], out["s2_b"], atol=1e-2)
+    # Different samples get different transforms.
+    assert not np.allclose(out["s2_a"][0], out["s2_a"][1], atol=1e-2)
+    # Without sharing, S1 and S2 of a view are transformed independently.
+    cfg2 = dataclasses.replace(cfg, share_spatial=False)
+    out2 = A.two_views(jax.random.key(3), jnp.asarray(s1), jnp.asarray(s2), cfg2)
+    assert not np.allclose(_rc(np.asarray(out2["s1_a"]))[0], _rc(np.asarray(out2["s2_a"]))[0],
+                           atol=1e-2)
+
+
+def test_shared_spatial_with_different_resolutions():
+    """S1 at half the resolution of S2: the crop box is shared in relative coordinates."""
+    cfg = A.AugmentConfig(out_size=8, **NOPHOTO)
+    s1, _ = coord_images(4, H // 2, H // 2)
+    _, s2 = coord_images(4, H, H)
+    out = A.two_views(jax.random.key(5), jnp.asarray(s1), jnp.asarray(s2), cfg)
+    y1, x1 = _rc(np.asarray(out["s1_a"]))
+    y2, x2 = _rc(np.asarray(out["s2_a"]))
+    # Pixel centres: (y1 + 0.5) * 2 == y2 + 0.5 away from the clamped border.
+    inner = (y2 > 1) & (y2 < H - 2) & (x2 > 1) & (x2 < H - 2)
+    np.testing.assert_allclose(((y1 + 0.5) * 2 - 0.5)[inner], y2[inner], atol=1e-3)
+    np.testing.assert_allclose(((x1 + 0.5) * 2 - 0.5)[inner], x2[inner], atol=1e-3)
+
+
+def test_full_crop_without_flips_is_identity():
+    cfg = A.AugmentConfig(out_size=H, crop_scale=(1.0, 1.0), hflip=False, vflip=False,
+                          rot90=False, **NOPHOTO)
+    s1, s2 = coord_images(4, H, H)
+    out = jax.jit(functools.partial(A.two_views, cfg=cfg))(jax.random.key(0), jnp.asarray(s1),
+                                                          jnp.asarray(s2))
+    np.testing.assert_array_equal(np.asarray(out["s1_a"]), s1)
+    np.testing.assert_array_equal(np.asarray(out["s2_b"]), s2)
+    np.testing.assert_array_equal(np.asarray(A.center_resize(jnp.asarray(s2), H)), s2)
+
+
+def test_flips_and_rot90_are_exact_permutations_covering_the_group():
+    cfg = A.AugmentConfig(out_size=H, crop_scale=(1.0, 1.0), **NOPHOTO)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, H, H, 3)).astype(np.float32)
+    out = np.asarray(jax.jit(A.augment_single, static_argnames=("cfg", "modality"))(
+        jax.random.key(1), jnp.asarray(x), cfg=cfg, modality="s2"))
+    used = set()
+    for i in range(64):
+        matches = [k for k, d in enumerate(dihedral(x[i])) if np.array_equal(out[i], d)]
+        assert len(matches) == 1, f"sample {i} is not an exact flip/rotation"
+        used.add(matches[0])
+    assert used == set(range(8))
+
+
+def test_dihedral_reduction_matches_numpy():
+    x = np.arange(5 * 5 * 2, dtype=np.float32).reshape(5, 5, 2)
+
+    @jax.jit
+    def apply(h, v, k):
+        fr, fc, t = A._dihedral(h, v, k)
+        one, zero = jnp.float32(1), jnp.float32(0)
+        sp = dict(y0=zero, x0=zero, hf=one, wf=one, flip_rows=fr, flip_cols=fc, transpose=t)
+        return A._resample(jnp.asarray(x), sp, 5)
+
+    for h, v, k in itertools.product([False, True], [False, True], range(4)):
+        ref = x[:, ::-1] if h else x
+        ref = ref[::-1] if v else ref
+        np.testing.assert_array_equal(np.asarray(apply(h, v, k)), np.rot90(ref, k))
+
+
+def test_only_rotations_or_only_flips():
+    x = np.random.default_rng(1).normal(size=(32, H, H, 1)).astype(np.float32)
+    base = dict(out_size=H, crop_scale=(1.0, 1.0), **NOPHOTO)
+    rot = np.asarray(A.augment_single(jax.random.key(0), jnp.asarray(x),
+                                      A.AugmentConfig(hflip=False, vflip=False, **base), "s2"))
+    flip = np.asarray(A.augment_single(jax.random.key(0), jnp.asarray(x),
+                                       A.AugmentConfig(rot90=False, **base), "s2"))
+    for i in range(32):
+        assert any(np.array_equal(rot[i], np.rot90(x[i], k)) for k in range(4))
+        assert any(np.array_equal(flip[i], f) for f in
+                   (x[i], x[i, ::-1], x[i, :, ::-1], x[i, ::-1, ::-1]))
+
+
+def test_crop_scale_and_ratio_statistics():
+    """The crop box stays inside the image and its area follows crop_scale."""
+    cfg = A.AugmentConfig(crop_scale=(0.3, 0.6))
+    keys = jax.random.split(jax.random.key(0), 2000)
+    sp = jax.jit(jax.vmap(lambda k: A._sample_spatial(k, cfg, 120, 120)))(keys)
+    area = np.asarray(sp["hf"] * sp["wf"])
+    ratio = np.asarray(sp["wf"] / sp["hf"])
+    assert area.min() >= 0.3 - 1e-5 and area.max() <= 0.6 + 1e-5
+    assert abs(area.mean() - 0.45) < 0.01
+    assert ratio.min() >= 3 / 4 - 1e-4 and ratio.max() <= 4 / 3 + 1e-4
+    assert np.all(np.asarray(sp["y0"] + sp["hf"]) <= 1 + 1e-6)
+    assert np.all(np.asarray(sp["x0"] + sp["wf"]) <= 1 + 1e-6)
+    assert np.all(np.asarray(sp["y0"]) >= 0)
+
+
+def test_crop_is_a_bilinear_zoom():
+    """With a sub-image crop, outputs are a bilinear sample of the crop box (linear ramps stay
+    linear with a constant step)."""
+    cfg = A.AugmentConfig(out_size=16, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0),
+                          hflip=False, vflip=False, rot90=False, **NOPHOTO)
+    _, s2 = coord_images(4, H, H)
+    out = np.asarray(A.augment_single(jax.random.key(2), jnp.asarray(s2), cfg, "s2"))
+    y, x = _rc(out)
+    step = 0.5 * H / 16  # box side (half the image) / output side
+    np.testing.assert_allclose(np.diff(y, axis=1), step, atol=1e-3)
+    np.testing.assert_allclose(np.diff(x, axis=2), step, atol=1e-3)
+    assert y.min() >= 0 and y.max() <= H - 1
+    # First output pixel centre sits a quarter step inside the box.
+    assert np.all(np.abs((y[:, 0, 0] + 0.5 - step / 2) % 1e-9) >= 0)
+
+
+def test_sar_noise_statistics():
+    sigma, std_db = 1.5, (5.0, 2.5)
+    cfg = A.AugmentConfig(out_size=32, crop_scale=(1.0, 1.0), hflip=False, vflip=False,
+                          rot90=False, brightness=0.0, contrast=0.0, sar_noise_db=sigma,
+                          sar_std_db=std_db)
+    x = jnp.zeros((16, 32, 32, 2))
+    y = np.asarray(A.augment_single(jax.random.key(0), x, cfg, "s1"))
+    for c in range(2):
+        noise_db = y[..., c] * std_db[c]
+        assert abs(noise_db.mean()) < 0.03
+        assert abs(noise_db.std() - sigma) < 0.03
+    # Independent between pixels and bands.
+    assert abs(np.corrcoef(y[..., 0].ravel(), y[..., 1].ravel())[0, 1]) < 0.03
+    # Per-image offset: constant over pixels and bands of one image, in dB.
+    cfg_off = dataclasses.replace(cfg, sar_noise_db=0.0, sar_offset_db=2.0)
+    y = np.asarray(A.augment_single(jax.random.key(1), x, cfg_off, "s1")) * np.array(std_db)
+    per_image = y[:, 0, 0, 0]
+    np.testing.assert_allclose(y, np.broadcast_to(per_image[:, None, None, None], y.shape),
+                               atol=1e-5)
+    assert np.abs(per_image).max() <= 2.0 and per_image.std() > 0.3
+    # S1 noise does not touch S2 and vice versa.
+    cfg_n = dataclasses.replace(cfg, sar_std_db=None)
+    s1, s2 = coord_images(2, 32, 32)
+    out = A.two_views(jax.random.key(2), jnp.asarray(s1), jnp.asarray(s2), cfg_n)
+    np.testing.assert_array_equal(np.asarray(out["s2_a"]), s2)
+    assert 1.2 < float(jnp.std(out["s1_a"] - s1)) < 1.8
+
+
+def test_optical_brightness_contrast():
+    cfg = A.AugmentConfig(out_size=16, crop_scale=(1.0, 1.0), hflip=False, vflip=False,
+                          rot90=False, brightness=0.3, contrast=0.5, sar_noise_db=0.0)
+    x = np.random.default_rng(0).normal(size=(64, 16, 16, 4)).astype(np.float32)
+    y = np.asarray(A.augment_single(jax.random.key(0), jnp.asarray(x), cfg, "s2"))
+    # y = gain * x + shift per image and band.
+    xc = x - x.mean(axis=(1, 2), keepdims=True)
+    gain = (xc * (y - y.mean(axis=(1, 2), keepdims=True))).sum(axis=(1, 2)) / (xc**2).sum(
+        axis=(1, 2))
+    shift = (y - gain[:, None, None] * x).mean(axis=(1, 2))
+    np.testing.assert_allclose(y, gain[:, None, None] * x + shift[:, None, None], atol=1e-5)
+    assert gain.min() >= 0.5 - 1e-4 and gain.max() <= 1.5 + 1e-4 and gain.std() > 0.1
+    assert np.abs(shift).max() <= 0.3 + 1e-5 and shift.std() > 0.1
+    assert np.ptp(shift, axis=1).min() > 0 and np.ptp(gain, axis=1).min() > 0  # per band
+    # S2 jitter leaves S1 alone.
+    cfg1 = dataclasses.replace(cfg, sar_noise_db=0.0)
+    y1 = A.augment_single(jax.random.key(0), jnp.asarray(x[..., :2]), cfg1, "s1")
+    np.testing.assert_array_equal(np.asarray(y1), x[..., :2])
+
+
+def test_center_resize():
+    _, s2 = coord_images(2, H, H)
+    out = np.asarray(A.center_resize(jnp.asarray(s2), 8))
+    y, x = _rc(out)
+    np.testing.assert_allclose(y[0, :, 0], np.arange(8) * 2 + 0.5, atol=1e-4)
+    half = np.asarray(A.center_resize(jnp.asarray(s2), 8, crop_fraction=0.5))
+    y, x = _rc(half)
+    np.testing.assert_allclose(y[0, :, 0], np.arange(8) + 4, atol=1e-4)
+    assert A.center_resize(jnp.asarray(s2[0], jnp.bfloat16), 4).dtype == jnp.bfloat16
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        A.AugmentConfig(crop_scale=(0.0, 1.0))
+    with pytest.raises(ValueError):
+        A.AugmentConfig(crop_scale=(0.8, 0.5))
+    with pytest.raises(ValueError):
+        A.AugmentConfig(brightness=-1.0)
+    hash(A.AugmentConfig(sar_std_db=[5.0, 5.0]))  # hashable: usable as a static argument
+    with pytest.raises(ValueError, match="sar_std_db"):
+        A.augment_single(jax.random.key(0), jnp.zeros((1, 4, 4, 3)),
+                         A.AugmentConfig(out_size=4, sar_std_db=(1.0, 1.0)), "s1")
+    assert A.sar_std_for("bigearthnet_v2", "s1") == pytest.approx((5.1335, 5.5905))
+
+
+def test_batch_sharded_inputs_give_the_same_views():
+    """Under a data-parallel mesh (Auto, or Explicit inside jax.set_mesh) the views equal the
+    unsharded ones, and the outputs keep the batch sharding."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = len(jax.devices())
+    if n < 2:
+        pytest.skip("needs several devices (tests/conftest.py forces 8 CPU devices)")
+    cfg = A.AugmentConfig(out_size=8, sar_std_db=(5.0, 5.0), sar_offset_db=1.0)
+    s1, s2 = (jnp.asarray(a) for a in coord_images(2 * n, H, H))
+    f = jax.jit(lambda k, x, y: A.two_views(k, x, y, cfg))
+    ref = f(jax.random.key(0), s1, s2)
+    ref1 = A.augment_single(jax.random.key(1), s1, cfg, "s1")
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((n,), ("data",), axis_types=(axis_type,))
+        sh = NamedSharding(mesh, P("data"))
+        with jax.set_mesh(mesh):
+            a, b = jax.device_put(s1, sh), jax.device_put(s2, sh)
+            out = f(jax.random.key(0), a, b)
+            one = A.augment_single(jax.random.key(1), a, cfg, "s1")
+        for k in ref:
+            np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), atol=1e-5)
+            assert out[k].sharding.spec[0] == "data"
+        np.testing.assert_allclose(np.asarray(one), np.asarray(ref1), atol=1e-5)
