@@ -1,8 +1,10 @@
 """Entry point: python -m mosaic_jax.main --config=configs/mosaic1.py[:demo] --workdir=DIR.
 
-Flags: `--config` (an ml_collections config file, overridable with `--config.KEY=VALUE`) and
-`--workdir` (checkpoints, TensorBoard events, metrics JSON/markdown, t-SNE picture). A run
-started on a workdir that holds a checkpoint resumes from it.
+Flags: `--config` (an ml_collections config file, overridable with `--config.KEY=VALUE`),
+`--workdir` (checkpoints, TensorBoard events, metrics JSON/markdown, t-SNE picture), and for
+multi-process runs `--multiprocess` (cluster auto-detection) or `--coordinator_address`,
+`--num_processes`, `--process_id`. A run started on a workdir that holds a checkpoint resumes
+from it; SIGTERM saves a checkpoint and exits cleanly.
 """
 
 from __future__ import annotations
@@ -16,14 +18,25 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_bool("multiprocess", False,
+                  "Multi-process run: connect to the other processes with "
+                  "jax.distributed.initialize(), detecting the cluster (TPU pod, SLURM).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for an explicit multi-process run.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from mosaic_jax import train
+    from mosaic_jax import distributed, train
     from mosaic_jax.configuration import validate_config
+
+    distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                           auto=FLAGS.multiprocess)
 
     try:
         validate_config(FLAGS.config)

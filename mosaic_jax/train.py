@@ -341,10 +341,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     data_dir = os.path.expanduser(d.data_dir)
     if d.demo:
+        from jax.experimental import multihost_utils
+
         from mosaic_jax.demo_data import prepare_demo_dataset
 
-        data_dir = prepare_demo_dataset(os.path.join(workdir, "demo_data"),
-                                        num_patches=d.demo_num_patches, seed=d.demo_seed)
+        demo_root = os.path.join(workdir, "demo_data")
+        if is_chief:
+            prepare_demo_dataset(demo_root, num_patches=d.demo_num_patches, seed=d.demo_seed)
+        multihost_utils.sync_global_devices("demo dataset prepared")
+        data_dir = os.path.join(demo_root, "tfds")
     train_source = input_pipeline.open_source(d.name, d.train_split, data_dir)
     eval_source = input_pipeline.open_source(d.name, d.eval_split, data_dir)
     train_ds = input_pipeline.make_train_dataset(
@@ -412,6 +417,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   flush=True)
         return metrics
 
+    from mosaic_jax.distributed import PreemptionWatcher
+
+    preemption = PreemptionWatcher()
     pending: list[dict[str, jax.Array]] = []
     t0 = time.time()
     for step in range(start_step + 1, config.num_train_steps + 1):
@@ -429,9 +437,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 raise FloatingPointError(f"training loss is {summary['loss']} at step {step}")
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
             save(step)
+        if step < config.num_train_steps and preemption.should_stop():
+            if manager.latest_step() != step:
+                save(step, force=True)
+            manager.wait_until_finished()
+            manager.close()
+            preemption.close()
+            writer.flush()
+            if is_chief:
+                print(f"Preempted (SIGTERM): saved the checkpoint of step {step}; run the same "
+                      "command again to resume.", flush=True)
+            return {"preempted_at_step": step}
         if (config.eval_every_steps and step % config.eval_every_steps == 0
                 and step != config.num_train_steps):
             run_eval(step)
+    preemption.close()
     final_step = int(state.step)
     if manager.latest_step() != final_step:
         save(final_step, force=True)

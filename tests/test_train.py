@@ -175,20 +175,6 @@ def test_command_line_rejects_unknown_key_and_missing_dataset(tmp_path):
 # The whole program on a prepared fake dataset
 
 
-@pytest.fixture(scope="module")
-def prepared_fake(tmp_path_factory):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    import data_builders.bigearthnet_v2  # noqa: F401
-    from data_builders.fake_bigearthnet import write_fake_bigearthnet
-
-    root = tmp_path_factory.mktemp("fake_ben")
-    write_fake_bigearthnet(root / "raw", 40, seed=1)
-    tfds.builder("bigearthnet_v2", data_dir=str(root / "tfds"),
-                 file_format="array_record").download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(root / "raw")))
-    return str(root / "tfds")
-
-
 def program_config(data_dir):
     config = tiny(load_config("mosaic1"))
     config.data.demo = False

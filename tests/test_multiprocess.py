@@ -1,0 +1,129 @@
+"""Multi-process runs and preemption, with real processes of `python -m mosaic_jax.main`.
+
+A tiny MoSAiC-1 run on 2 processes of 4 CPU devices each (connected on 127.0.0.1) must end
+with the parameters of 1 process with 8 devices; a run stopped by SIGTERM, or killed by SIGKILL
+while writing a checkpoint, must restart and end with the parameters of an uninterrupted run.
+"""
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(data_dir, workdir, *extra):
+    return [sys.executable, "-m", "mosaic_jax.main", "--config=configs/mosaic1.py:demo",
+            f"--workdir={workdir}", "--config.data.demo=False",
+            f"--config.data.data_dir={data_dir}", f"--config.num_train_steps={STEPS}",
+            "--config.checkpoint_every_steps=2", "--config.batch_size=16",
+            "--config.eval_batch_size=16", "--config.augment.out_size=16",
+            "--config.model.width_multiplier=0.03125", "--config.model.proj_hidden_dim=16",
+            "--config.model.proj_dim=8", "--config.tsne_points=0", "--config.log_every_steps=1",
+            *extra]
+
+
+def _start(data_dir, workdir, devices=8, extra=()):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen(_command(data_dir, workdir, *extra), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _params(workdir, step=STEPS):
+    import orbax.checkpoint as ocp
+
+    assert step in _steps(workdir), _steps(workdir)
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    # The checkpoint may come from another device topology: restore onto one local device.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              tree)
+        restored = checkpointer.restore(path, target)
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+def _steps(workdir):
+    ckpt = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.glob("*") if p.name.isdigit()) if ckpt.exists() else []
+
+
+@pytest.fixture(scope="module")
+def reference(prepared_fake, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    _finish(_start(prepared_fake, workdir))
+    return _params(workdir)
+
+
+def test_two_processes_of_four_devices_match_one_process_of_eight(prepared_fake, reference,
+                                                                 tmp_path):
+    port = _free_port()
+    procs = [_start(prepared_fake, tmp_path, devices=4,
+                    extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                           f"--process_id={i}")) for i in range(2)]
+    outs = [_finish(p) for p in procs]
+    assert "Done:" in outs[0] and "Done:" not in outs[1]  # results are reported by process 0
+    for got, want in zip(_params(tmp_path), reference, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_saves_and_the_restarted_run_matches(prepared_fake, reference, tmp_path):
+    proc = _start(prepared_fake, tmp_path)
+    deadline = time.time() + 600
+    while not _steps(tmp_path) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc)
+    assert "Preempted (SIGTERM)" in out, out[-3000:]
+    stopped = max(_steps(tmp_path))
+    assert 2 <= stopped < STEPS
+    out = _finish(_start(prepared_fake, tmp_path))
+    assert f"Resuming from the checkpoint at step {stopped}" in out
+    for got, want in zip(_params(tmp_path), reference, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_sigkill_during_a_checkpoint_write_restarts_from_the_previous_one(prepared_fake,
+                                                                          reference, tmp_path):
+    proc = _start(prepared_fake, tmp_path)
+    ckpt = tmp_path / "checkpoints"
+    partial = None
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        writing = [p for p in ckpt.glob("*") if "tmp" in p.name] if ckpt.exists() else []
+        if writing and _steps(tmp_path):  # a second checkpoint is being written
+            proc.kill()
+            partial = writing[0].name
+            break
+        time.sleep(0.001)
+    proc.communicate()
+    if partial is None:
+        pytest.skip("the run ended before a checkpoint write could be interrupted")
+    finished = _steps(tmp_path)
+    out = _finish(_start(prepared_fake, tmp_path))
+    assert f"Resuming from the checkpoint at step {max(finished)}" in out
+    for got, want in zip(_params(tmp_path), reference, strict=True):
+        np.testing.assert_array_equal(got, want)
