@@ -32,6 +32,8 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.tsne_points = 2000                 # 0: no t-SNE picture
+    c.init_from = ""                     # a pretraining workdir: start from its encoders/heads
+    c.train_mode = "full"                # or "linear_probe": train the classifier only
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "bigearthnet_v2"
@@ -203,6 +205,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _number(key, values[key], minimum=0.0, maximum=1.0)
     if config.data.train_fraction == 0:
         _fail("data.train_fraction", "must be > 0")
+
+    _choice("train_mode", config.train_mode, ("full", "linear_probe"))
+    if config.train_mode == "linear_probe":
+        if not config.init_from:
+            _fail("init_from", "train_mode='linear_probe' needs a pretraining workdir")
+        if objective != "supervised":
+            _fail("train_mode", "a linear probe trains the classifier with objective "
+                  "'supervised'")
+    if not isinstance(config.init_from, str):
+        _fail("init_from", f"must be a workdir path or '', got {config.init_from!r}")
 
     _choice("data.name", config.data.name, DATASETS)
     if config.data.num_classes != DATASETS[config.data.name]:

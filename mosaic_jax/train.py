@@ -108,6 +108,10 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
                         momentum=o.momentum)
     if o.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+    if config.train_mode == "linear_probe":  # only the classifier learns
+        tx = optax.multi_transform(
+            {"train": tx, "frozen": optax.set_to_zero()},
+            lambda params: {k: "train" if k == "classifier" else "frozen" for k in params})
     return tx
 
 
@@ -139,6 +143,65 @@ def init_state(config: ml_collections.ConfigDict, model: nn.Module,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       rng=state_rng)
+
+
+def restore_on_one_device(path: str) -> Any:
+    """Restores a saved TrainState pytree (as nested dicts) onto one local device, whatever
+    device topology wrote it."""
+    import orbax.checkpoint as ocp
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              tree)
+        return checkpointer.restore(path, target)
+
+
+def adopt_pretrained_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `model` section is the one of the `init_from` run."""
+    path = os.path.join(os.path.expanduser(config.init_from), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config key 'init_from': {path} does not exist (is "
+                                f"{config.init_from} a training workdir?)")
+    with open(path) as f:
+        pretrained = json.load(f)
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in pretrained["model"].items():
+        if key in config.model:
+            config.model[key] = tuple(value) if isinstance(value, list) else value
+    return config
+
+
+def load_pretrained(state: TrainState, workdir: str) -> TrainState:
+    """Copies the encoder and projection-head weights of `workdir`'s latest checkpoint.
+
+    The classifier is always left as initialised (the downstream label set may differ); every
+    other module must exist in the checkpoint with the same shapes, or ValueError names it.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+    steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+    if not steps:
+        raise FileNotFoundError(f"config key 'init_from': no checkpoint in {directory}")
+    path = os.path.join(directory, str(max(steps)), "state")
+    restored = restore_on_one_device(path)
+    params, batch_stats = dict(state.params), dict(state.batch_stats)
+    for name in params:
+        if name == "classifier":
+            continue
+        if name not in restored["params"]:
+            raise ValueError(f"config key 'init_from': {workdir} has no module {name!r}")
+        mine = jax.tree.map(jnp.shape, params[name])
+        theirs = jax.tree.map(jnp.shape, restored["params"][name])
+        if mine != theirs:
+            raise ValueError(f"config key 'init_from': module {name!r} of {workdir} has other "
+                             f"shapes than this config's model (check config.model)")
+        params[name] = restored["params"][name]
+        if name in batch_stats:
+            batch_stats[name] = restored["batch_stats"][name]
+    return state.replace(params=params, batch_stats=batch_stats)
 
 
 def augment_config(config: ml_collections.ConfigDict) -> augment.AugmentConfig:
@@ -204,8 +267,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            out, batch_stats = model_outputs(model, variables, config, s1, s2, train=True,
+            # A linear probe reads frozen encoders in inference mode (running BN statistics).
+            out, batch_stats = model_outputs(model, variables, config, s1, s2,
+                                             train=config.train_mode != "linear_probe",
                                              rng=drop_rng)
+            batch_stats = state.batch_stats if batch_stats is None else batch_stats
             out_a = jax.tree.map(lambda t: t[:n], out)
             out_b = jax.tree.map(lambda t: t[n:], out)
             loss, terms = objectives.compute_objective(
@@ -334,6 +400,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from mosaic_jax.metrics import multilabel_metrics
 
     validate_config(config)
+    if config.init_from:
+        config = adopt_pretrained_model(config)
+        validate_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
@@ -365,6 +434,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = create_model(config)
     tx = create_optimizer(config)
     state = init_state(config, model, tx)
+    if config.init_from:
+        state = load_pretrained(state, config.init_from)
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
     train_step = make_train_step(config, model, tx, mesh)

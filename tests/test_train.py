@@ -99,6 +99,8 @@ def test_step_on_eight_devices_matches_one_device():
                          + [("supervised", "demo,convnext"), ("supervised", "demo,late")])
 def test_every_config_builds_and_its_step_compiles_ahead_of_time(name, arg):
     config = tiny(load_config(name, arg))
+    if config.train_mode == "linear_probe":
+        config.init_from = "a pretraining workdir (not read here)"
     configuration.validate_config(config)
     mesh = train.make_mesh()
     model = train.create_model(config)
@@ -195,10 +197,18 @@ def _params(workdir, step):
     return restored["state"]["params"]
 
 
-def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def pretrained(prepared_fake, tmp_path_factory):
+    """An uninterrupted tiny MoSAiC-1 run: (workdir, its final metrics)."""
+    workdir = str(tmp_path_factory.mktemp("pretrained"))
+    return workdir, train.train_and_evaluate(program_config(prepared_fake), workdir)
+
+
+def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, pretrained, tmp_path,
+                                                    capsys):
     config = program_config(prepared_fake)
-    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    metrics_full = train.train_and_evaluate(config, full)
+    full, metrics_full = pretrained
+    resumed = str(tmp_path / "resumed")
     # Interrupt after the step-3 checkpoint: run, then drop the later checkpoint and rerun.
     train.train_and_evaluate(config, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
@@ -210,7 +220,48 @@ def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, tmp_path, cap
                     strict=True):
         np.testing.assert_array_equal(a, b)
     assert metrics_full == metrics_resumed
-    for name in ("metrics_validation.json", "metrics_validation.md", "tsne_validation.png"):
+    for name in ("metrics_validation.json", "metrics_validation.md", "tsne_validation.png",
+                 "config.json"):
         assert os.path.getsize(os.path.join(full, name)) > 0
     record = json.loads(open(os.path.join(full, "metrics_validation.json")).read())
     assert record["step"] == 6 and record["macro_ap"] == metrics_full["macro_ap"]
+
+
+def _state_of(workdir, step):
+    return train.restore_on_one_device(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def test_load_pretrained_copies_encoders_and_heads_but_not_the_classifier(pretrained):
+    workdir, _ = pretrained
+    config = program_config("unused")
+    model = train.create_model(config)
+    tx = train.create_optimizer(config)
+    fresh = train.init_state(config, model, tx)
+    loaded = train.load_pretrained(fresh, workdir)
+    saved = _state_of(workdir, 6)
+    for name in loaded.params:
+        want = fresh.params[name] if name == "classifier" else saved["params"][name]
+        for a, b in zip(jax.tree.leaves(loaded.params[name]), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_linear_probe_trains_only_the_classifier(prepared_fake, pretrained, tmp_path):
+    workdir, _ = pretrained
+    config = tiny(load_config("linear_probe"))
+    config.data.demo = False
+    config.data.data_dir = prepared_fake
+    config.init_from = workdir
+    config.num_train_steps = 3
+    config.tsne_points = 0
+    config.model.width_multiplier = 1.0   # replaced by the pretraining run's model
+    metrics = train.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(metrics["macro_ap"])
+    probe, saved = _state_of(str(tmp_path), 3), _state_of(workdir, 6)
+    for name in saved["params"]:
+        same = [np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(probe["params"][name]), jax.tree.leaves(saved["params"][name]),
+            strict=True)]
+        assert all(same) == (name != "classifier"), name
+    for a, b in zip(jax.tree.leaves(probe["batch_stats"]), jax.tree.leaves(saved["batch_stats"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
