@@ -18,6 +18,31 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 
+def tiny(config):
+    """Shrinks a config to test size (16 px inputs, width 1/32, tiny heads)."""
+    config.batch_size = 16
+    config.eval_batch_size = 16
+    config.augment.out_size = 16
+    config.model.width_multiplier = 1 / 32
+    config.model.proj_hidden_dim = 16
+    config.model.proj_dim = 8
+    return config
+
+
+def program_config(data_dir):
+    """Tiny MoSAiC-1 on the prepared fake data: 6 steps, checkpoints at steps 3 and 6."""
+    import importlib
+
+    config = tiny(importlib.import_module("configs.mosaic1").get_config("demo"))
+    config.data.demo = False
+    config.data.data_dir = data_dir
+    config.num_train_steps = 6
+    config.checkpoint_every_steps = 3
+    config.log_every_steps = 2
+    config.tsne_points = 0  # the t-SNE picture has its own tests (test_metrics.py)
+    return config
+
+
 @pytest.fixture(scope="session")
 def prepared_fake(tmp_path_factory):
     """TFDS data_dir holding a prepared 40-patch fake BigEarthNet v2 (official layout)."""
@@ -31,3 +56,23 @@ def prepared_fake(tmp_path_factory):
                  file_format="array_record").download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(root / "raw")))
     return str(root / "tfds")
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(prepared_fake, tmp_path_factory):
+    """(workdir, final metrics) of one uninterrupted `program_config` run, shared by the
+    training, export, embedding and report tests."""
+    from mosaic_jax import train
+
+    workdir = str(tmp_path_factory.mktemp("trained") / "mosaic1_run")
+    return workdir, train.train_and_evaluate(program_config(prepared_fake), workdir)
+
+
+@pytest.fixture(scope="session")
+def exported_dir(trained_workdir, tmp_path_factory):
+    """`export.export_workdir` of the trained workdir (latest step, default platforms)."""
+    from mosaic_jax import export
+
+    out = str(tmp_path_factory.mktemp("export_out") / "export")
+    export.export_workdir(trained_workdir[0], out)
+    return out

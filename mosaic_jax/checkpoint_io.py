@@ -1,0 +1,148 @@
+"""Reading a training workdir back: its config, latest checkpoint, parameters and class names.
+
+Shared by `mosaic_jax.export`, `mosaic_jax.report` and `mosaic_jax.embed`. A workdir written by
+`mosaic_jax.train.train_and_evaluate` holds ``config.json`` and ``checkpoints/<step>/state`` (an
+orbax ``StandardSave`` of ``TrainState``). Restoring here does not need the optimizer or the
+device topology of the training run: the checkpoint's own metadata gives the shapes and dtypes,
+and only ``params``, ``batch_stats`` and ``step`` are read, onto one local device, then copied to
+host numpy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+    """What a workdir's checkpoint holds for inference.
+
+    Attributes:
+      workdir: absolute path of the workdir.
+      step: training step of the checkpoint.
+      config: the run's ``ml_collections.ConfigDict``.
+      variables: ``{"params": ..., "batch_stats": ...}`` nested dicts of host numpy arrays,
+        ready for ``model.apply``.
+    """
+
+    workdir: str
+    step: int
+    config: Any
+    variables: dict[str, Any]
+
+
+def _abs(workdir: str | os.PathLike[str]) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+
+
+def checkpoint_steps(workdir: str | os.PathLike[str]) -> list[int]:
+    """Sorted steps of the finished checkpoints in ``workdir/checkpoints`` (may be empty).
+
+    Orbax names a finished step's folder by the bare integer (unfinished ones carry a temporary
+    suffix), and the folder must hold the ``state`` item.
+    """
+    root = os.path.join(_abs(workdir), CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        if name.isdigit() and os.path.isdir(os.path.join(root, name, "state")):
+            steps.append(int(name))
+    return sorted(steps)
+
+
+def latest_step(workdir: str | os.PathLike[str]) -> int:
+    """The newest checkpoint step; FileNotFoundError naming the workdir when there is none."""
+    workdir = _abs(workdir)
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir!r} does not exist")
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(
+            f"workdir {workdir!r} has no checkpoint (no finished step folder under "
+            f"{os.path.join(workdir, CHECKPOINT_DIR)!r}); train first with "
+            f"python -m mosaic_jax.main --config=... --workdir={workdir}")
+    return steps[-1]
+
+
+def load_config(workdir: str | os.PathLike[str]) -> Any:
+    """The run's config (``config.json`` rebuilt as an ``ml_collections.ConfigDict``)."""
+    import ml_collections
+
+    path = os.path.join(_abs(workdir), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"workdir {_abs(workdir)!r} has no {CONFIG_FILE} (is it a mosaic_jax training "
+            "workdir?)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_variables(workdir: str | os.PathLike[str], step: int | None = None) -> RestoredRun:
+    """Restores ``params`` and ``batch_stats`` of checkpoint ``step`` (default: the latest).
+
+    Works on any device count: the training mesh is replaced by one local device. Raises
+    FileNotFoundError naming the workdir when it has no checkpoint (or no such step) or no
+    ``config.json``.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    workdir = _abs(workdir)
+    if step is None:
+        step = latest_step(workdir)
+    elif step not in checkpoint_steps(workdir):
+        raise FileNotFoundError(f"workdir {workdir!r} has no checkpoint at step {step}; "
+                                f"its steps: {checkpoint_steps(workdir)}")
+    config = load_config(workdir)
+    path = epath.Path(workdir) / CHECKPOINT_DIR / str(step) / "state"
+    handler = ocp.StandardCheckpointHandler()
+    metadata = handler.metadata(path)
+    tree = getattr(metadata, "tree", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    wanted = {k: tree[k] for k in ("params", "batch_stats", "step") if k in tree}
+    if "params" not in wanted:
+        raise ValueError(f"checkpoint {path} holds no 'params' (keys: {sorted(tree)})")
+
+    def abstract_of(subtree: Any) -> Any:
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), subtree)
+
+    abstract = abstract_of(wanted)
+    try:
+        # Only the wanted subtrees are read (not the optimizer state, often 2x the parameters).
+        args = ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True)
+    except TypeError:  # an orbax without partial restores: read everything, keep what we need
+        restored = handler.restore(path, args=ocp.args.StandardRestore(abstract_of(dict(tree))))
+    else:
+        restored = ocp.PyTreeCheckpointHandler().restore(path, args=args)
+    restored = jax.device_get(restored)
+    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
+    variables = jax.tree.map(np.asarray, variables)
+    return RestoredRun(workdir=workdir, step=int(step), config=config, variables=variables)
+
+
+def class_names(dataset: str, num_classes: int) -> list[str]:
+    """Class names of ``dataset`` in label order; ``class i`` when the builder is unavailable."""
+    names: tuple[str, ...] | None = None
+    try:
+        if dataset == "bigearthnet_v2":
+            from data_builders.bigearthnet_v2 import CLASS_NAMES as names
+        elif dataset == "sen12ms":
+            from data_builders.sen12ms import SIMPLIFIED_CLASSES as names
+    except ImportError:
+        names = None
+    if names is None or len(names) != num_classes:
+        return [f"class {i}" for i in range(num_classes)]
+    return list(names)

@@ -1,0 +1,473 @@
+"""Export a trained run for use outside this project, and load the exported embedder.
+
+``python -m mosaic_jax.export --workdir DIR --output OUT`` writes, from the latest checkpoint of
+a training workdir (or ``--step``):
+
+- ``OUT/params.msgpack``: ``flax.serialization.to_bytes({"params", "batch_stats"})``; read it
+  back with ``flax.serialization.msgpack_restore`` (nested dicts of arrays).
+- ``OUT/model.json``: what is needed to rebuild and feed the model: the config's ``model``
+  section, dataset, class names, the input bands of S1 and S2 in channel order with their
+  normalisation mean/std, the input size, the embedder's outputs and the encoder files.
+- ``OUT/embedder.jax_export``: a serialized ``jax.export`` of
+  ``(s1 [b, S, S, c1], s2 [b, S, S, c2]) -> {"embedding", "h_s1", "h_s2", "probs"}`` (two
+  towers; single tower: ``{"embedding", "probs"}``), inputs normalised as in ``model.json``
+  (``(x - mean) / std`` per band) and ``S`` = ``input_size`` (the dataset's patch size by
+  default). It centre-resizes to the training resolution itself, exactly like the evaluation of
+  the training program, and has the parameters baked in: the batch size ``b`` is symbolic and
+  only jax is needed to run it (`load_embedder`). Both inputs are always required; a
+  single-tower model ignores the modality it was not trained on.
+- for ResNet encoders, ``OUT/encoder_s1.safetensors`` and ``OUT/encoder_s2.safetensors`` (single
+  tower: ``OUT/encoder.safetensors``) with torchvision names and layouts (see
+  `resnet_state_dict`), loadable by PyTorch / TorchGeo users, e.g.::
+
+      m = torchvision.models.resnet18()
+      m.conv1 = torch.nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+      m.maxpool = torch.nn.Identity()      # only for stem "iai" (model.json: "maxpool": false)
+      m.fc = torch.nn.Identity()           # two-tower encoders have no classifier
+      m.load_state_dict(safetensors.torch.load_file("encoder_s2.safetensors"))
+      m.eval()                              # features = m(x_nchw)  (global average pooled)
+
+Everything is written to a temporary folder next to ``OUT`` and renamed into place at the end,
+so ``OUT`` is either the previous export or the complete new one.
+
+The loader half of this module (`load_embedder`, `load_model_info`) sits at the top and imports
+nothing but the standard library, numpy and jax; everything that needs flax, orbax or the rest of
+``mosaic_jax`` is imported inside the export functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.json"
+PARAMS_FILE = "params.msgpack"
+EMBEDDER_FILE = "embedder.jax_export"
+
+# ----------------------------------------------------------------------------------------------
+# Loader: standard library + numpy + jax only.
+
+
+def load_model_info(export_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``model.json`` of an export folder as a dict."""
+    path = os.path.join(os.fspath(export_dir), MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(export_dir)!r} has no {MODEL_FILE}; is it the "
+                                "output of python -m mosaic_jax.export?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_embedder(export_dir: str | os.PathLike[str]
+                  ) -> Callable[[Any, Any], dict[str, jax.Array]]:
+    """Loads ``embedder.jax_export`` as a jitted ``embed(s1, s2) -> dict of arrays``.
+
+    ``s1``: float32 [b, S, S, c1] and ``s2``: float32 [b, S, S, c2], normalised per band as
+    ``model.json`` says; any batch size ``b >= 1``. Returns jax arrays ``[b, ...]`` (see
+    ``model.json["embedder"]["outputs"]``). Needs only jax and numpy; it runs on the default
+    jax backend, which must be one of the platforms the export was made for
+    (``embed.exported.platforms``).
+    """
+    path = os.path.join(os.fspath(export_dir), EMBEDDER_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(export_dir)!r} has no {EMBEDDER_FILE}; is it the "
+                                "output of python -m mosaic_jax.export?")
+    with open(path, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    call = jax.jit(exported.call)
+    avals = exported.in_avals
+
+    def embed(s1: Any, s2: Any) -> dict[str, jax.Array]:
+        args = []
+        for name, x, aval in (("s1", s1, avals[0]), ("s2", s2, avals[1])):
+            x = jnp.asarray(x, dtype=aval.dtype)
+            if x.ndim != 4 or tuple(x.shape[1:]) != tuple(aval.shape[1:]) or x.shape[0] < 1:
+                want = ", ".join(map(str, aval.shape[1:]))
+                raise ValueError(f"{name} must have shape [b, {want}] with b >= 1 (normalised, "
+                                 f"NHWC); got {tuple(x.shape)}")
+            args.append(x)
+        if args[0].shape[0] != args[1].shape[0]:
+            raise ValueError(f"s1 and s2 have different batch sizes: {args[0].shape[0]} and "
+                             f"{args[1].shape[0]}")
+        return call(*args)
+
+    embed.exported = exported  # type: ignore[attr-defined]
+    return embed
+
+
+# ----------------------------------------------------------------------------------------------
+# Export (imports flax, orbax and the model code lazily).
+
+_DOWNSAMPLE = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+         "var": "running_var"}
+RUNNING_VAR_NOTE = (
+    "running_var holds Flax's running average of the *biased* batch variance (PyTorch's is "
+    "unbiased, larger by n/(n-1) per batch of n values); in eval mode both frameworks normalise "
+    "with (x - running_mean) / sqrt(running_var + 1e-5), so the stored values reproduce the "
+    "trained network exactly. num_batches_tracked holds the training step of the checkpoint.")
+
+
+def _torch_module_name(path: Sequence[str]) -> str:
+    """Flax module path (``layer2_0``, ``downsample_bn``) -> torchvision name."""
+    out = []
+    for part in path:
+        if part in _DOWNSAMPLE:
+            out.append(_DOWNSAMPLE[part])
+        elif part.startswith("layer") and "_" in part:
+            stage, block = part[len("layer"):].split("_", 1)
+            if not (stage.isdigit() and block.isdigit()):
+                raise ValueError(f"unexpected ResNet module {part!r}")
+            out.append(f"layer{stage}.{block}")
+        else:
+            out.append(part)
+    return ".".join(out)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, (*prefix, str(key))))
+        else:
+            out[(*prefix, str(key))] = value
+    return out
+
+
+def resnet_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
+                      num_batches_tracked: int = 0,
+                      classifier: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """A `mosaic_jax.models.ResNet`'s variables as a torchvision ``ResNet.state_dict()``.
+
+    Args:
+      params, batch_stats: the encoder's own subtrees (e.g. ``params["enc_s1"]``).
+      num_batches_tracked: value of every BN's ``num_batches_tracked`` (int64 scalar).
+      classifier: optional ``nn.Dense`` params ``{"kernel" [F, C], "bias" [C]}`` written as
+        ``fc.weight`` [C, F] / ``fc.bias``.
+
+    Returns:
+      name -> C-contiguous numpy array: conv ``weight`` [out, in, kh, kw] (Flax: [kh, kw, in,
+      out]); BN ``weight``/``bias``/``running_mean``/``running_var`` float32 [C] and
+      ``num_batches_tracked`` int64 []. See `RUNNING_VAR_NOTE` for what ``running_var`` holds.
+      ValueError for a variable that has no torchvision counterpart (e.g. a ConvNeXt).
+    """
+    out: dict[str, np.ndarray] = {}
+    bn_modules: set[str] = set()
+    for path, value in sorted(_flatten(params).items()):
+        *module, leaf = path
+        if leaf not in ("kernel", "scale", "bias") or not module:
+            raise ValueError(f"not a torchvision ResNet parameter: {'/'.join(path)}")
+        name = _torch_module_name(module)
+        value = np.asarray(value, dtype=np.float32)
+        if leaf == "kernel":
+            if value.ndim != 4:
+                raise ValueError(f"not a ResNet conv kernel: {'/'.join(path)} {value.shape}")
+            value = value.transpose(3, 2, 0, 1)
+        else:
+            bn_modules.add(name)
+        out[f"{name}.{_LEAF[leaf]}"] = np.ascontiguousarray(value)
+    stats = _flatten(batch_stats)
+    for path, value in sorted(stats.items()):
+        *module, leaf = path
+        name = _torch_module_name(module)
+        if leaf not in ("mean", "var") or name not in bn_modules:
+            raise ValueError(f"not a torchvision ResNet BatchNorm statistic: {'/'.join(path)}")
+        out[f"{name}.{_LEAF[leaf]}"] = np.ascontiguousarray(np.asarray(value, np.float32))
+    for name in sorted(bn_modules):
+        if f"{name}.running_mean" not in out or f"{name}.running_var" not in out:
+            raise ValueError(f"BatchNorm {name} has no running statistics in batch_stats")
+        out[f"{name}.num_batches_tracked"] = np.asarray(num_batches_tracked, dtype=np.int64)
+    if classifier is not None:
+        out["fc.weight"] = np.ascontiguousarray(np.asarray(classifier["kernel"], np.float32).T)
+        out["fc.bias"] = np.ascontiguousarray(np.asarray(classifier["bias"], np.float32))
+    return out
+
+
+def _native_size(dataset: str) -> int | None:
+    """Side in pixels of the dataset's stored patches (what the eval pipeline yields)."""
+    try:
+        if dataset == "bigearthnet_v2":
+            from data_builders.bigearthnet_v2 import PATCH_SIZE
+        elif dataset == "sen12ms":
+            from data_builders.sen12ms import PATCH_SIZE
+        else:
+            return None
+    except ImportError:
+        return None
+    return int(PATCH_SIZE)
+
+
+def _input_spec(config: Any) -> dict[str, Any]:
+    """Bands, normalisation and units of both modalities (``model.json["inputs"]``)."""
+    from mosaic_jax import bands
+
+    d, m = config.data, config.model
+    used = {"s1", "s2"} if m.kind == "two_tower" or m.inputs == "s1s2" else {m.inputs}
+    spec = {}
+    for modality, setting in (("s1", d.s1_bands), ("s2", d.s2_bands)):
+        names = bands.resolve_bands(setting, d.name, modality)
+        bands.band_stats(d.name, modality, names)  # ValueError for bands without statistics
+        stats = bands.STATS[d.name][modality]  # the published values, not float32 roundings
+        clip = bands.S1_CLIP_DB[d.name] if modality == "s1" else None
+        units = ("dB (backscatter)" if modality == "s1" else
+                 "L2A reflectance x 10000" if d.name == "bigearthnet_v2" else
+                 "L1C reflectance x 10000")
+        spec[modality] = {"bands": list(names), "mean": [stats[b][0] for b in names],
+                          "std": [stats[b][1] for b in names], "units": units,
+                          "clip_db": list(clip) if clip else None,
+                          "used_by_model": modality in used}
+    return spec
+
+
+def _encoder_entries(config: Any) -> dict[str, tuple[str, str, str]]:
+    """modality key -> (params subtree, encoder name, file name) of the ResNet encoders."""
+    from mosaic_jax.models.towers import RESNET_DEPTHS
+
+    m = config.model
+    if m.kind == "two_tower":
+        items = {"s1": ("enc_s1", m.s1_encoder, "encoder_s1.safetensors"),
+                 "s2": ("enc_s2", m.s2_encoder, "encoder_s2.safetensors")}
+    else:
+        items = {m.inputs: ("enc", m.encoder, "encoder.safetensors")}
+    return {k: v for k, v in items.items() if v[1] in RESNET_DEPTHS}
+
+
+def make_embed_fn(config: Any, variables: Mapping[str, Any], input_size: int
+                  ) -> tuple[Callable[[jax.Array, jax.Array], dict[str, jax.Array]],
+                             dict[str, str]]:
+    """The function the embedder exports, and a description of each of its outputs.
+
+    ``fn(s1 [b, S, S, c1], s2 [b, S, S, c2])`` (normalised, ``S = input_size``) centre-resizes
+    both to ``config.augment.out_size`` and applies the model in eval mode with ``variables``
+    closed over (so they become constants when traced).
+    """
+    from mosaic_jax import augment, train
+
+    model = train.create_model(config)
+    size = int(config.augment.out_size)
+    two = config.model.kind == "two_tower"
+    if two:
+        described = {"embedding": "fused encoder features h_fused = [h_s1, h_s2] (S1 first)",
+                     "h_s1": "S1 encoder features (global average pool)",
+                     "h_s2": "S2 encoder features (global average pool)",
+                     "probs": "sigmoid of the classifier logits, one per class"}
+    else:
+        described = {"embedding": f"encoder features h of the {config.model.inputs} input",
+                     "probs": "sigmoid of the classifier logits, one per class"}
+
+    def fn(s1: jax.Array, s2: jax.Array) -> dict[str, jax.Array]:
+        if s1.shape[1:3] != (input_size, input_size) or s2.shape[1:3] != s1.shape[1:3]:
+            raise ValueError(f"inputs must be {input_size} x {input_size} pixels")
+        s1 = augment.center_resize(s1, size)
+        s2 = augment.center_resize(s2, size)
+        out, _ = train.model_outputs(model, variables, config, s1, s2, train=False)
+        probs = jax.nn.sigmoid(out["logits"].astype(jnp.float32))
+        if two:
+            return {"embedding": out["h_fused"], "h_s1": out["h_s1"], "h_s2": out["h_s2"],
+                    "probs": probs}
+        return {"embedding": out["h"], "probs": probs}
+
+    return fn, described
+
+
+def export_embedder(config: Any, variables: Mapping[str, Any], input_size: int,
+                    platforms: Sequence[str] = ("cpu", "cuda", "tpu")
+                    ) -> tuple[jax.export.Exported, dict[str, str]]:
+    """``jax.export`` of `make_embed_fn` with a symbolic batch size ``b``."""
+    from mosaic_jax import train
+
+    fn, described = make_embed_fn(config, variables, input_size)
+    (_, _, c1), (_, _, c2) = train.input_shapes(config)
+    (b,) = jax.export.symbolic_shape("b")
+    args = (jax.ShapeDtypeStruct((b, input_size, input_size, c1), jnp.float32),
+            jax.ShapeDtypeStruct((b, input_size, input_size, c2), jnp.float32))
+    exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*args)
+    return exported, described
+
+
+def _check_output_dir(output: str) -> None:
+    """Refuses to replace anything but an empty folder or a previous export."""
+    if not os.path.lexists(output):
+        return
+    if not os.path.isdir(output):
+        raise FileExistsError(f"output {output!r} exists and is not a folder")
+    if os.listdir(output) and not os.path.isfile(os.path.join(output, MODEL_FILE)):
+        raise FileExistsError(f"output {output!r} is a non-empty folder that is not a previous "
+                              "export (no model.json); choose another --output")
+
+
+def _move_into_place(tmp: str, output: str) -> None:
+    """Renames the finished temp folder to ``output``, replacing a previous export.
+
+    The temp folder (and files some writers create private) get the usual umask permissions.
+    """
+    import shutil
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+    if os.path.lexists(output):
+        old = f"{output}.old-{os.getpid()}"
+        os.rename(output, old)
+        os.rename(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, output)
+
+
+def export_workdir(workdir: str, output: str, *, step: int | None = None,
+                   input_size: int | None = None,
+                   platforms: Sequence[str] = ("cpu", "cuda", "tpu")) -> dict[str, Any]:
+    """Writes the export of ``workdir``'s checkpoint (default: latest) to ``output``.
+
+    Returns the ``model.json`` dict. FileNotFoundError naming the workdir when it has no
+    checkpoint; FileExistsError when ``output`` is something other than a previous export.
+    """
+    import shutil
+    import tempfile
+
+    import flax.serialization
+
+    from mosaic_jax import checkpoint_io
+    from mosaic_jax.models.towers import RESNET_DEPTHS, encoder_num_features
+
+    output = os.path.abspath(os.path.expanduser(output))
+    _check_output_dir(output)
+    run = checkpoint_io.restore_variables(workdir, step)
+    config = run.config
+    d, m = config.data, config.model
+    size = int(input_size or _native_size(d.name) or config.augment.out_size)
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    try:
+        variables = {"params": run.variables["params"],
+                     "batch_stats": run.variables.get("batch_stats", {})}
+        with open(os.path.join(tmp, PARAMS_FILE), "wb") as f:
+            f.write(flax.serialization.to_bytes(variables))
+
+        exported, described = export_embedder(config, variables, size, platforms)
+        with open(os.path.join(tmp, EMBEDDER_FILE), "wb") as f:
+            f.write(exported.serialize())
+        out_avals = jax.tree.unflatten(exported.out_tree, exported.out_avals)
+        outputs = {k: {"shape": ["b", *(int(s) for s in aval.shape[1:])],
+                       "dtype": str(aval.dtype), "description": described[k]}
+                   for k, aval in out_avals.items()}
+
+        encoders = {}
+        inputs = _input_spec(config)
+        entries = _encoder_entries(config)
+        if entries:
+            try:
+                import safetensors.numpy
+            except ImportError as e:
+                raise ImportError("writing the ResNet encoders needs the safetensors package: "
+                                  "pip install safetensors") from e
+        for modality, (subtree, name, filename) in entries.items():
+            classifier = (variables["params"]["classifier"] if m.kind == "single_tower"
+                          else None)
+            tensors = resnet_state_dict(variables["params"][subtree],
+                                        variables["batch_stats"].get(subtree, {}),
+                                        num_batches_tracked=run.step, classifier=classifier)
+            in_channels = int(tensors["conv1.weight"].shape[1])
+            width = int(tensors["conv1.weight"].shape[0])
+            depth = RESNET_DEPTHS[name]
+            info = {
+                "file": filename, "architecture": name, "depth": depth,
+                "block": "Bottleneck" if depth == 50 else "BasicBlock",
+                "width": width, "in_channels": in_channels, "stem": m.stem,
+                "maxpool": m.stem == "standard",
+                "num_features": encoder_num_features(name, m.width_multiplier),
+                "fc": classifier is not None,
+                "bands": (inputs["s1"]["bands"] + inputs["s2"]["bands"] if modality == "s1s2"
+                          else inputs[modality]["bands"]),
+                "input_size": int(config.augment.out_size),
+                "torchvision_compatible": width == 64,
+                "running_var": RUNNING_VAR_NOTE,
+            }
+            metadata = {k: json.dumps(v) if not isinstance(v, str) else v
+                        for k, v in info.items()}
+            metadata["format"] = "pt"
+            safetensors.numpy.save_file(tensors, os.path.join(tmp, filename), metadata=metadata)
+            encoders[modality] = info
+
+        spatial = size
+        info: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "source": {"workdir": run.workdir, "step": run.step},
+            "objective": config.objective,
+            "dataset": d.name,
+            "demo_data": bool(d.get("demo", False)),
+            "num_classes": int(d.num_classes),
+            "class_names": checkpoint_io.class_names(d.name, int(d.num_classes)),
+            "model": m.to_dict(),
+            "inputs": inputs,
+            "normalization": "x_normalised = (clip(x) - mean) / std per band, in the units "
+                             "given; clip only where clip_db is set (S1 dB range)",
+            "layout": "NHWC float32",
+            "input_size": spatial,
+            "model_input_size": int(config.augment.out_size),
+            "resize": "central square crop of the full patch, bilinear resize to "
+                      "model_input_size (mosaic_jax.augment.center_resize); done inside the "
+                      "embedder",
+            "embedder": {"file": EMBEDDER_FILE, "args": ["s1", "s2"],
+                         "arg_shapes": [["b", spatial, spatial, len(inputs["s1"]["bands"])],
+                                        ["b", spatial, spatial, len(inputs["s2"]["bands"])]],
+                         "outputs": outputs, "platforms": list(exported.platforms),
+                         "jax_version": jax.__version__,
+                         "loader": "mosaic_jax.export.load_embedder(export_dir)"},
+            "embedding_key": "embedding",
+            "embedding_keys": sorted(described),
+            "params": {"file": PARAMS_FILE, "keys": ["params", "batch_stats"],
+                       "format": "flax.serialization.to_bytes (msgpack)",
+                       "rebuild": "mosaic_jax.train.create_model(ml_collections.ConfigDict("
+                                  "config.json)) with the same config"},
+            "encoders": encoders,
+        }
+        shutil.copyfile(os.path.join(run.workdir, checkpoint_io.CONFIG_FILE),
+                        os.path.join(tmp, "config.json"))
+        with open(os.path.join(tmp, MODEL_FILE), "w") as f:
+            json.dump(info, f, indent=1)
+        _move_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mosaic_jax.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="training workdir")
+    parser.add_argument("--output", required=True, help="export folder (created or replaced)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--input_size", type=int, default=None,
+                        help="side of the embedder's input patches (default: the dataset's)")
+    parser.add_argument("--platforms", default="cpu,cuda,tpu",
+                        help="comma-separated jax.export platforms")
+    args = parser.parse_args(argv)
+    try:
+        info = export_workdir(args.workdir, args.output, step=args.step,
+                              input_size=args.input_size,
+                              platforms=[p for p in args.platforms.split(",") if p])
+    except (FileNotFoundError, FileExistsError) as e:
+        parser.exit(2, f"error: {e}\n")
+    files = sorted(os.listdir(os.path.abspath(args.output)))
+    print(f"Exported step {info['source']['step']} of {info['source']['workdir']} "
+          f"({info['objective']}, {info['dataset']}) to {os.path.abspath(args.output)}: "
+          f"{', '.join(files)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""Export of a trained run: files, the jax.export embedder, msgpack and torchvision weights."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mosaic_jax import augment, bands, checkpoint_io, export, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(trained_workdir):
+    return trained_workdir[0]
+
+
+@pytest.fixture(scope="module")
+def out(exported_dir):
+    return exported_dir
+
+
+@pytest.fixture(scope="module")
+def restored(workdir):
+    return checkpoint_io.restore_variables(workdir)
+
+
+def _inputs(info, n, seed=0):
+    rng = np.random.default_rng(seed)
+    size = info["input_size"]
+    return (rng.normal(size=(n, size, size, len(info["inputs"]["s1"]["bands"]))).astype(np.float32),
+            rng.normal(size=(n, size, size, len(info["inputs"]["s2"]["bands"]))).astype(np.float32))
+
+
+def _model_outputs(run, s1, s2):
+    """The training program's eval transform and model, applied directly (one jit)."""
+    config = run.config
+    model = train.create_model(config)
+    size = config.augment.out_size
+
+    def apply(variables, a, b):
+        out, _ = train.model_outputs(model, variables, config, augment.center_resize(a, size),
+                                     augment.center_resize(b, size), train=False)
+        return out
+
+    return jax.jit(apply)(run.variables, s1, s2)
+
+
+# ----------------------------------------------------------------------------------------------
+# An independent NumPy re-implementation of torchvision's ResNet forward pass in eval mode
+# (NCHW, weights OIHW, torchvision padding), used to check the safetensors files.
+
+
+def _conv2d(x, w, stride, pad):
+    n, c, h, wd = x.shape
+    o, ci, kh, kw = w.shape
+    assert c == ci, (x.shape, w.shape)
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    cols = np.empty((n, c, kh, kw, ho, wo), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[:, :, i:i + stride * (ho - 1) + 1:stride,
+                                  j:j + stride * (wo - 1) + 1:stride]
+    return np.einsum("ncijhw,ocij->nohw", cols, w.astype(np.float64))
+
+
+def _batchnorm(x, sd, name, eps=1e-5):
+    g = lambda k: sd[f"{name}.{k}"].astype(np.float64)[None, :, None, None]  # noqa: E731
+    return (x - g("running_mean")) / np.sqrt(g("running_var") + eps) * g("weight") + g("bias")
+
+
+def _relu(x):
+    return np.maximum(x, 0.0)
+
+
+def _maxpool_3x3_s2(x):
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    h, w = (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1
+    win = [xp[:, :, i:i + 2 * (h - 1) + 1:2, j:j + 2 * (w - 1) + 1:2]
+           for i in range(3) for j in range(3)]
+    return np.max(np.stack(win), axis=0)
+
+
+def torchvision_resnet_eval(sd, x_nchw, *, maxpool):
+    """Pooled features [N, F] (and fc logits when `fc.weight` is present) of torchvision's ResNet
+    (BasicBlock or v1.5 Bottleneck) in eval mode."""
+    x = x_nchw.astype(np.float64)
+    x = _relu(_batchnorm(_conv2d(x, sd["conv1.weight"], 2, 3), sd, "bn1"))
+    if maxpool:
+        x = _maxpool_3x3_s2(x)
+    for layer in range(1, 5):
+        j = 0
+        while f"layer{layer}.{j}.conv1.weight" in sd:
+            p = f"layer{layer}.{j}"
+            stride = 2 if layer > 1 and j == 0 else 1
+            if f"{p}.conv3.weight" in sd:  # Bottleneck: stride on the 3x3 conv
+                y = _relu(_batchnorm(_conv2d(x, sd[f"{p}.conv1.weight"], 1, 0), sd, f"{p}.bn1"))
+                y = _relu(_batchnorm(_conv2d(y, sd[f"{p}.conv2.weight"], stride, 1), sd,
+                                     f"{p}.bn2"))
+                y = _batchnorm(_conv2d(y, sd[f"{p}.conv3.weight"], 1, 0), sd, f"{p}.bn3")
+            else:  # BasicBlock
+                y = _relu(_batchnorm(_conv2d(x, sd[f"{p}.conv1.weight"], stride, 1), sd,
+                                     f"{p}.bn1"))
+                y = _batchnorm(_conv2d(y, sd[f"{p}.conv2.weight"], 1, 1), sd, f"{p}.bn2")
+            if f"{p}.downsample.0.weight" in sd:
+                identity = _batchnorm(_conv2d(x, sd[f"{p}.downsample.0.weight"], stride, 0), sd,
+                                      f"{p}.downsample.1")
+            else:
+                identity = x
+            x = _relu(y + identity)
+            j += 1
+    feats = x.mean(axis=(2, 3))
+    if "fc.weight" in sd:
+        return feats, feats @ sd["fc.weight"].astype(np.float64).T + sd["fc.bias"]
+    return feats, None
+
+
+def _torchvision_names(blocks, bottleneck):
+    """Every state_dict key of a torchvision ResNet without fc."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    names = {"conv1.weight", *(f"bn1.{k}" for k in bn)}
+    for layer, n in enumerate(blocks, start=1):
+        for j in range(n):
+            p = f"layer{layer}.{j}"
+            for c in range(1, 4 if bottleneck else 3):
+                names |= {f"{p}.conv{c}.weight", *(f"{p}.bn{c}.{k}" for k in bn)}
+            if j == 0 and (layer > 1 or bottleneck):
+                names |= {f"{p}.downsample.0.weight", *(f"{p}.downsample.1.{k}" for k in bn)}
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_export_writes_the_files_and_describes_the_model(workdir, out, restored):
+    info = export.load_model_info(out)
+    assert sorted(os.listdir(out)) == sorted(
+        ["config.json", "model.json", "params.msgpack", "embedder.jax_export",
+         "encoder_s1.safetensors", "encoder_s2.safetensors"])
+    config = restored.config
+    assert info["source"] == {"workdir": workdir, "step": 6}
+    assert info["objective"] == "mosaic1" and info["dataset"] == "bigearthnet_v2"
+    assert info["num_classes"] == 19 and len(info["class_names"]) == 19
+    assert info["class_names"][0] == "Urban fabric"
+    assert info["model"] == config.model.to_dict()
+    for modality, setting in (("s1", config.data.s1_bands), ("s2", config.data.s2_bands)):
+        names = bands.resolve_bands(setting, "bigearthnet_v2", modality)
+        mean, std = bands.band_stats("bigearthnet_v2", modality, names)
+        spec = info["inputs"][modality]
+        assert spec["bands"] == list(names)
+        np.testing.assert_allclose(spec["mean"], mean, rtol=1e-6)
+        np.testing.assert_allclose(spec["std"], std, rtol=1e-6)
+    assert info["inputs"]["s1"]["bands"] == ["VV", "VH"]
+    assert info["input_size"] == 120 and info["model_input_size"] == 16
+    assert info["embedding_keys"] == ["embedding", "h_s1", "h_s2", "probs"]
+    assert info["embedder"]["outputs"]["embedding"]["shape"] == ["b", 32]
+    assert info["embedder"]["outputs"]["probs"]["shape"] == ["b", 19]
+    assert set(info["embedder"]["platforms"]) == {"cpu", "cuda", "tpu"}
+    assert info["encoders"]["s1"]["maxpool"] is False and info["encoders"]["s1"]["in_channels"] == 2
+    # Nothing left behind by the atomic write.
+    assert sorted(os.listdir(os.path.dirname(out))) == ["export"]
+
+
+@pytest.mark.parametrize("n", [3, 1])
+def test_exported_embedder_gives_the_model_outputs(out, restored, n):
+    info = export.load_model_info(out)
+    embed = export.load_embedder(out)
+    s1, s2 = _inputs(info, n, seed=n)
+    got = embed(s1, s2)
+    ref = _model_outputs(restored, s1, s2)
+    assert sorted(got) == info["embedding_keys"]
+    for key, ref_key in (("embedding", "h_fused"), ("h_s1", "h_s1"), ("h_s2", "h_s2")):
+        assert got[key].shape == (n, *info["embedder"]["outputs"][key]["shape"][1:])
+        np.testing.assert_allclose(got[key], ref[ref_key], rtol=1e-5, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(got["probs"], jax.nn.sigmoid(ref["logits"]), rtol=1e-5, atol=1e-6)
+
+
+def test_embedder_rejects_wrong_input_shapes(out):
+    embed = export.load_embedder(out)
+    with pytest.raises(ValueError, match=r"s2 must have shape \[b, 120, 120, 10\]"):
+        embed(np.zeros((2, 120, 120, 2), np.float32), np.zeros((2, 120, 120, 3), np.float32))
+
+
+_LOADER_SCRIPT = """
+import sys
+import numpy as np
+from mosaic_jax.export import load_embedder
+embed = load_embedder(sys.argv[1])
+x = np.load(sys.argv[2])
+out = embed(x["s1"], x["s2"])
+np.savez(sys.argv[3], **{k: np.asarray(v) for k, v in out.items()})
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in (
+    "flax", "orbax", "optax", "ml_collections", "tensorflow", "tensorflow_datasets", "grain",
+    "safetensors", "clu", "sklearn", "matplotlib")
+    or m in ("mosaic_jax.train", "mosaic_jax.models"))
+print("HEAVY", heavy)
+"""
+
+
+def test_loader_runs_in_a_process_with_only_jax_and_numpy(out, tmp_path):
+    info = export.load_model_info(out)
+    s1, s2 = _inputs(info, 2, seed=7)
+    np.savez(tmp_path / "in.npz", s1=s1, s2=s2)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", _LOADER_SCRIPT, out, str(tmp_path / "in.npz"),
+                           str(tmp_path / "out.npz")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout
+    got = np.load(tmp_path / "out.npz")
+    ref = export.load_embedder(out)(s1, s2)
+    assert sorted(got.files) == sorted(ref)
+    for key in ref:
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+def test_params_round_trip_through_msgpack(out, restored):
+    import flax.serialization
+
+    with open(os.path.join(out, "params.msgpack"), "rb") as f:
+        data = f.read()
+    loaded = flax.serialization.msgpack_restore(data)
+    assert sorted(loaded) == ["batch_stats", "params"]
+    want = jax.tree.leaves_with_path(restored.variables)
+    got = jax.tree.leaves_with_path(loaded)
+    assert [p for p, _ in got] == [p for p, _ in want]
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        assert a.dtype == b.dtype, path
+        np.testing.assert_array_equal(a, b)
+    # And the model runs on them like on the checkpoint.
+    template = jax.tree.map(np.zeros_like, restored.variables)
+    again = flax.serialization.from_bytes(template, data)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(restored.variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_safetensors_encoders_match_the_flax_encoders(out, restored):
+    import safetensors.numpy
+    from safetensors import safe_open
+
+    info = export.load_model_info(out)
+    s1, s2 = _inputs(info, 2, seed=3)
+    ref = _model_outputs(restored, s1, s2)
+    size = restored.config.augment.out_size
+    for modality, x in (("s1", s1), ("s2", s2)):
+        path = os.path.join(out, f"encoder_{modality}.safetensors")
+        sd = safetensors.numpy.load_file(path)
+        assert set(sd) == _torchvision_names((2, 2, 2, 2), bottleneck=False)
+        assert sd["bn1.num_batches_tracked"].dtype == np.int64
+        assert sd["bn1.num_batches_tracked"].shape == () and int(sd["bn1.num_batches_tracked"]) == 6
+        with safe_open(path, "np") as f:
+            meta = f.metadata()
+        assert meta["stem"] == "iai" and json.loads(meta["maxpool"]) is False
+        assert json.loads(meta["bands"]) == info["inputs"][modality]["bands"]
+        x_model = np.asarray(augment.center_resize(x, size))  # what the encoder sees (NHWC)
+        feats, logits = torchvision_resnet_eval(sd, x_model.transpose(0, 3, 1, 2), maxpool=False)
+        assert logits is None and np.std(feats) > 1e-3  # not a degenerate comparison
+        np.testing.assert_allclose(feats, ref[f"h_{modality}"], rtol=1e-4, atol=1e-4)
+
+
+def test_resnet50_standard_stem_and_classifier_match_the_numpy_reference(tmp_path):
+    import safetensors.numpy
+
+    from mosaic_jax.models import ResNet
+
+    model = ResNet(depth=50, width=4, stem="standard")
+    x = np.random.default_rng(0).normal(size=(2, 33, 33, 3)).astype(np.float32)
+    # Random values in the shapes of the variables (compiling Flax's initialisers is slow), with
+    # non-trivial BatchNorm parameters and statistics so that every one of them matters.
+    shapes = jax.eval_shape(lambda v: model.init(jax.random.PRNGKey(0), v, train=False), x)
+    rng = np.random.default_rng(1)
+
+    def fill(path, v):
+        name = path[-1].key
+        if name == "kernel":  # [kh, kw, in, out]
+            return (rng.normal(size=v.shape) / np.sqrt(np.prod(v.shape[:3]))).astype(np.float32)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
+        return (0.2 * rng.normal(size=v.shape)).astype(np.float32)  # bias, mean
+
+    variables = jax.tree.map_with_path(fill, shapes)
+    ref = np.asarray(jax.jit(lambda v, a: model.apply(v, a, train=False))(variables, x))
+    classifier = {"kernel": rng.normal(size=(ref.shape[1], 5)).astype(np.float32),
+                  "bias": rng.normal(size=5).astype(np.float32)}
+    sd = export.resnet_state_dict(variables["params"], variables["batch_stats"],
+                                  num_batches_tracked=11, classifier=classifier)
+    path = str(tmp_path / "r50.safetensors")
+    safetensors.numpy.save_file(sd, path)
+    sd = safetensors.numpy.load_file(path)
+    assert set(sd) == _torchvision_names((3, 4, 6, 3), bottleneck=True) | {"fc.weight",
+                                                                          "fc.bias"}
+    assert sd["conv1.weight"].shape == (4, 3, 7, 7) and sd["fc.weight"].shape == (5, 128)
+    feats, logits = torchvision_resnet_eval(sd, x.transpose(0, 3, 1, 2), maxpool=True)
+    assert np.std(ref) > 1e-3
+    np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, ref @ classifier["kernel"] + classifier["bias"], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_resnet_state_dict_rejects_other_encoders():
+    with pytest.raises(ValueError, match="not a torchvision ResNet parameter"):
+        export.resnet_state_dict({"stem_norm": {"gamma": np.ones(3)}}, {})
+
+
+def test_export_of_a_workdir_without_checkpoint_names_it(workdir, tmp_path, capsys):
+    empty = tmp_path / "not_trained"
+    empty.mkdir()
+    (empty / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+    with pytest.raises(FileNotFoundError, match=f"workdir '{empty}' has no checkpoint"):
+        export.export_workdir(str(empty), str(tmp_path / "out"))
+    with pytest.raises(SystemExit) as e:
+        export.main(["--workdir", str(empty), "--output", str(tmp_path / "out")])
+    assert e.value.code == 2 and str(empty) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint_io.latest_step(tmp_path / "missing")
+
+
+def test_export_replaces_a_previous_export_but_no_other_folder(workdir, tmp_path):
+    target = tmp_path / "exp"
+    export.export_workdir(workdir, str(target), step=3, platforms=("cpu",))
+    assert export.load_model_info(target)["source"]["step"] == 3
+    export.export_workdir(workdir, str(target), platforms=("cpu",))
+    assert export.load_model_info(target)["source"]["step"] == 6
+    assert sorted(os.listdir(tmp_path)) == ["exp"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a previous export"):
+        export.export_workdir(workdir, str(foreign))
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_checkpoint_io_restores_every_step(workdir):
+    assert checkpoint_io.checkpoint_steps(workdir) == [3, 6]
+    early = checkpoint_io.restore_variables(workdir, 3)
+    late = checkpoint_io.restore_variables(workdir)
+    assert early.step == 3 and late.step == 6
+    a = jax.tree.leaves(early.variables["params"])
+    b = jax.tree.leaves(late.variables["params"])
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 4"):
+        checkpoint_io.restore_variables(workdir, 4)
+    assert jnp.asarray(a[0]).dtype == jnp.float32
+
+
+def _untrained_workdir(path, config):
+    """A workdir whose only checkpoint holds random variables saved like the training program
+    saves them (no training: filling shapes with numpy values keeps this fast)."""
+    import orbax.checkpoint as ocp
+
+    model = train.create_model(config)
+    tx = train.create_optimizer(config)
+    shapes = jax.eval_shape(lambda: train.init_state(config, model, tx))
+    rng = np.random.default_rng(0)
+
+    def fill(p, v):
+        name = getattr(p[-1], "key", None)
+        if name == "kernel":
+            fan_in = int(np.prod(v.shape[:-1]))
+            return jnp.asarray(rng.normal(size=v.shape) / np.sqrt(fan_in), v.dtype)
+        if name in ("scale", "var"):
+            return jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
+        return jnp.asarray(0.1 * rng.normal(size=v.shape), v.dtype)
+
+    state = jax.tree.map_with_path(fill, shapes)
+    state = state.replace(step=jnp.asarray(5, jnp.int32))
+    path.mkdir()
+    (path / "config.json").write_text(config.to_json(indent=1))
+    with ocp.CheckpointManager(str(path / "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        manager.wait_until_finished()
+    return str(path)
+
+
+def test_single_tower_resnet50_export(tmp_path):
+    """Early fusion (S1 + S2 channels) into a ResNet-50 with the standard stem: the embedder,
+    and encoder.safetensors with fc, against the model and the NumPy torchvision reference."""
+    import importlib
+
+    import safetensors.numpy
+
+    config = importlib.import_module("configs.supervised").get_config("demo")
+    config.augment.out_size = 32
+    config.model.width_multiplier = 1 / 16
+    config.model.proj_hidden_dim = 16
+    config.model.proj_dim = 8
+    workdir = _untrained_workdir(tmp_path / "single", config)
+    out = str(tmp_path / "export")
+    info = export.export_workdir(workdir, out, platforms=("cpu",))
+    assert sorted(os.listdir(out)) == sorted(
+        ["config.json", "model.json", "params.msgpack", "embedder.jax_export",
+         "encoder.safetensors"])
+    assert info["embedding_keys"] == ["embedding", "probs"]
+    enc = info["encoders"]["s1s2"]
+    assert enc["architecture"] == "resnet50" and enc["maxpool"] is True and enc["fc"] is True
+    assert enc["bands"] == info["inputs"]["s1"]["bands"] + info["inputs"]["s2"]["bands"]
+
+    run = checkpoint_io.restore_variables(workdir)
+    s1, s2 = _inputs(info, 2, seed=11)
+    ref = _model_outputs(run, s1, s2)
+    got = export.load_embedder(out)(s1, s2)
+    np.testing.assert_allclose(got["embedding"], ref["h"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["probs"], jax.nn.sigmoid(ref["logits"]), rtol=1e-5, atol=1e-6)
+
+    sd = safetensors.numpy.load_file(os.path.join(out, "encoder.safetensors"))
+    assert set(sd) == _torchvision_names((3, 4, 6, 3), bottleneck=True) | {"fc.weight",
+                                                                          "fc.bias"}
+    x = np.concatenate([np.asarray(augment.center_resize(v, 32)) for v in (s1, s2)], axis=-1)
+    feats, logits = torchvision_resnet_eval(sd, x.transpose(0, 3, 1, 2), maxpool=True)
+    assert np.std(feats) > 1e-3
+    np.testing.assert_allclose(feats, ref["h"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, ref["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_restore_reads_everything_when_orbax_has_no_partial_restore(workdir, restored,
+                                                                    monkeypatch):
+    import orbax.checkpoint as ocp
+
+    def no_partial(*args, **kwargs):
+        raise TypeError("unexpected keyword argument 'partial_restore'")
+
+    monkeypatch.setattr(ocp.args, "PyTreeRestore", no_partial)
+    again = checkpoint_io.restore_variables(workdir)
+    for a, b in zip(jax.tree.leaves(again.variables), jax.tree.leaves(restored.variables),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
