@@ -1,6 +1,5 @@
 """Linear probe: frozen pretrained encoders, a new classifier trained with BCE.
 
-Downstream protocol of a pretraining run, with the 10 % data protocol of the paper:
   python -m mosaic_jax.main --config=configs/linear_probe.py[:ARGS] --workdir=DIR \\
       --config.init_from=PRETRAINING_WORKDIR
 The model architecture is taken from the pretraining run's config.json; the classifier is new.
@@ -12,11 +11,4 @@ from mosaic_jax import configuration
 
 def get_config(arg: str | None = None):
     args = configuration.parse_args(arg, configuration.COMMON_ARGS)
-    c = configuration.base_config("supervised")
-    c.train_mode = "linear_probe"
-    c.num_train_steps = 2000
-    c.optimizer.warmup_steps = 100
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.weight_decay = 0.0
-    c.augment.crop_scale = (0.8, 1.0)
-    return configuration.apply_args(c, args)
+    return configuration.downstream_config("linear_probe", args)

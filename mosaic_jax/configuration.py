@@ -128,6 +128,19 @@ def apply_args(c: ml_collections.ConfigDict, args: tuple[str, ...]) -> ml_collec
     return c
 
 
+def downstream_config(train_mode: str, args: tuple[str, ...]) -> ml_collections.ConfigDict:
+    """A downstream protocol of a pretraining run (`init_from`): BCE on the labelled data,
+    either a linear probe of the frozen encoders or full fine-tuning."""
+    c = base_config("supervised")
+    c.train_mode = train_mode
+    c.num_train_steps = 2000
+    c.optimizer.warmup_steps = 100
+    c.optimizer.learning_rate = 1e-3 if train_mode == "linear_probe" else 1e-4
+    c.optimizer.weight_decay = 0.0 if train_mode == "linear_probe" else 1e-4
+    c.augment.crop_scale = (0.8, 1.0)
+    return apply_args(c, args)
+
+
 def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The embedded demo: synthetic BigEarthNet v2 data, tiny model, ~2 minutes on 2 CPU cores."""
     c.data.demo = True

@@ -137,39 +137,23 @@ def init_state(config: ml_collections.ConfigDict, model: nn.Module,
     else:
         args = ({"s1": s1, "s2": s2, "s1s2": jnp.concatenate([s1, s2], -1)}[config.model.inputs],)
     # Initialise outside any mapped axis: BatchNorm must not look for the `data` axis here.
-    variables = model.clone(bn_axis_name=None).init(
-        {"params": init_rng, "dropout": dropout_rng}, *args, train=False)
+    init = jax.jit(model.clone(bn_axis_name=None).init, static_argnames="train")
+    variables = init({"params": init_rng, "dropout": dropout_rng}, *args, train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       rng=state_rng)
 
 
-def restore_on_one_device(path: str) -> Any:
-    """Restores a saved TrainState pytree (as nested dicts) onto one local device, whatever
-    device topology wrote it."""
-    import orbax.checkpoint as ocp
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(path).item_metadata
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              tree)
-        return checkpointer.restore(path, target)
-
-
 def adopt_pretrained_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` whose `model` section is the one of the `init_from` run."""
-    path = os.path.join(os.path.expanduser(config.init_from), "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config key 'init_from': {path} does not exist (is "
-                                f"{config.init_from} a training workdir?)")
-    with open(path) as f:
-        pretrained = json.load(f)
+    from mosaic_jax import checkpoint_io
+
+    pretrained = checkpoint_io.load_config(config.init_from)
     config = ml_collections.ConfigDict(config.to_dict())
-    for key, value in pretrained["model"].items():
+    for key, value in pretrained.model.items():
         if key in config.model:
-            config.model[key] = tuple(value) if isinstance(value, list) else value
+            config.model[key] = value
     return config
 
 
@@ -179,14 +163,9 @@ def load_pretrained(state: TrainState, workdir: str) -> TrainState:
     The classifier is always left as initialised (the downstream label set may differ); every
     other module must exist in the checkpoint with the same shapes, or ValueError names it.
     """
-    import orbax.checkpoint as ocp
+    from mosaic_jax import checkpoint_io
 
-    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-    steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
-    if not steps:
-        raise FileNotFoundError(f"config key 'init_from': no checkpoint in {directory}")
-    path = os.path.join(directory, str(max(steps)), "state")
-    restored = restore_on_one_device(path)
+    restored = checkpoint_io.restore_variables(workdir).variables
     params, batch_stats = dict(state.params), dict(state.batch_stats)
     for name in params:
         if name == "classifier":
@@ -376,17 +355,6 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
                   max_points=tsne_points, title=f"embeddings, {split} split, step {step}")
 
 
-def _class_names(name: str, num_classes: int) -> list[str]:
-    try:
-        if name == "bigearthnet_v2":
-            from data_builders.bigearthnet_v2 import CLASS_NAMES
-        else:
-            from data_builders.sen12ms import CLASS_NAMES
-        return list(CLASS_NAMES)
-    except ImportError:
-        return [f"class {i}" for i in range(num_classes)]
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
 
@@ -394,8 +362,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     import orbax.checkpoint as ocp
     from clu import metric_writers, periodic_actions
+    from clu import metrics as clu_metrics
 
-    from mosaic_jax import input_pipeline
+    from mosaic_jax import checkpoint_io, input_pipeline
     from mosaic_jax.configuration import validate_config
     from mosaic_jax.metrics import multilabel_metrics
 
@@ -440,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = jax.device_put(state, replicated)
     train_step = make_train_step(config, model, tx, mesh)
     eval_step = make_eval_step(config, model, mesh)
-    class_names = _class_names(d.name, d.num_classes)
+    class_names = checkpoint_io.class_names(d.name, d.num_classes)
 
     manager = ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"),
@@ -491,18 +460,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from mosaic_jax.distributed import PreemptionWatcher
 
     preemption = PreemptionWatcher()
-    pending: list[dict[str, jax.Array]] = []
+    train_metrics = None  # clu.metrics collection of the steps since the last log line
     t0 = time.time()
     for step in range(start_step + 1, config.num_train_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             batch = global_batch(next(train_iter), mesh, TRAIN_KEYS)
             state, metrics = train_step(state, batch)
-        pending.append(metrics)
+        if train_metrics is None:
+            collection = clu_metrics.Collection.create(
+                **{k: clu_metrics.Average.from_output(k) for k in metrics})
+            train_metrics = collection.single_from_model_output(**metrics)
+        else:
+            train_metrics = train_metrics.merge(
+                train_metrics.single_from_model_output(**metrics))
         for hook in hooks:
             hook(step)
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
-            summary = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
-            pending.clear()
+            summary = {k: float(v) for k, v in train_metrics.compute().items()}
+            train_metrics = None
             writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
             if not np.isfinite(summary["loss"]):
                 raise FloatingPointError(f"training loss is {summary['loss']} at step {step}")

@@ -52,18 +52,11 @@ def _finish(proc, timeout=600):
 
 
 def _params(workdir, step=STEPS):
-    import orbax.checkpoint as ocp
+    from mosaic_jax import checkpoint_io
 
-    assert step in _steps(workdir), _steps(workdir)
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    # The checkpoint may come from another device topology: restore onto one local device.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(path).item_metadata
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              tree)
-        restored = checkpointer.restore(path, target)
-    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+    # Restored onto one local device, whatever topology wrote the checkpoint.
+    variables = checkpoint_io.restore_variables(workdir, step).variables
+    return [np.asarray(x) for x in jax.tree.leaves(variables["params"])]
 
 
 def _steps(workdir):

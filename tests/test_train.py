@@ -12,22 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import program_config, tiny
 
-from mosaic_jax import configuration, train
+from mosaic_jax import checkpoint_io, configuration, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
-
-
-def tiny(config):
-    """Shrinks a config to test size (tiny widths and images)."""
-    config.batch_size = 16
-    config.eval_batch_size = 16
-    config.augment.out_size = 16
-    config.model.width_multiplier = 1 / 32
-    config.model.proj_hidden_dim = 16
-    config.model.proj_dim = 8
-    return config
 
 
 def load_config(name, arg="demo"):
@@ -64,7 +54,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     a = config.augment
     a.crop_scale, a.hflip, a.vflip, a.rot90 = (1.0, 1.0), False, False, False
     a.brightness = a.contrast = a.sar_noise_db = a.sar_offset_db = 0.0
-    mesh, step, state = setup(config)
+    mesh, step, state = setup(config, jax.devices()[:1])
     batch = train.global_batch(random_batch(config, 16), mesh, train.TRAIN_KEYS)
     first = None
     for _ in range(config.num_train_steps):
@@ -177,37 +167,14 @@ def test_command_line_rejects_unknown_key_and_missing_dataset(tmp_path):
 # The whole program on a prepared fake dataset
 
 
-def program_config(data_dir):
-    config = tiny(load_config("mosaic1"))
-    config.data.demo = False
-    config.data.data_dir = data_dir
-    config.num_train_steps = 6
-    config.checkpoint_every_steps = 3
-    config.log_every_steps = 2
-    config.tsne_points = 50
-    return config
+def _state_of(workdir, step):
+    return checkpoint_io.restore_variables(workdir, step).variables
 
 
-def _params(workdir, step):
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))
-    return restored["state"]["params"]
-
-
-@pytest.fixture(scope="module")
-def pretrained(prepared_fake, tmp_path_factory):
-    """An uninterrupted tiny MoSAiC-1 run: (workdir, its final metrics)."""
-    workdir = str(tmp_path_factory.mktemp("pretrained"))
-    return workdir, train.train_and_evaluate(program_config(prepared_fake), workdir)
-
-
-def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, pretrained, tmp_path,
+def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, trained_workdir, tmp_path,
                                                     capsys):
     config = program_config(prepared_fake)
-    full, metrics_full = pretrained
+    full, metrics_full = trained_workdir
     resumed = str(tmp_path / "resumed")
     # Interrupt after the step-3 checkpoint: run, then drop the later checkpoint and rerun.
     train.train_and_evaluate(config, resumed)
@@ -216,23 +183,18 @@ def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, pretrained, t
     metrics_resumed = train.train_and_evaluate(config, resumed)
     assert "Resuming from the checkpoint at step 3" in capsys.readouterr().out
 
-    for a, b in zip(jax.tree.leaves(_params(full, 6)), jax.tree.leaves(_params(resumed, 6)),
+    for a, b in zip(jax.tree.leaves(_state_of(full, 6)), jax.tree.leaves(_state_of(resumed, 6)),
                     strict=True):
         np.testing.assert_array_equal(a, b)
     assert metrics_full == metrics_resumed
-    for name in ("metrics_validation.json", "metrics_validation.md", "tsne_validation.png",
-                 "config.json"):
+    for name in ("metrics_validation.json", "metrics_validation.md", "config.json"):
         assert os.path.getsize(os.path.join(full, name)) > 0
     record = json.loads(open(os.path.join(full, "metrics_validation.json")).read())
     assert record["step"] == 6 and record["macro_ap"] == metrics_full["macro_ap"]
 
 
-def _state_of(workdir, step):
-    return train.restore_on_one_device(os.path.join(workdir, "checkpoints", str(step), "state"))
-
-
-def test_load_pretrained_copies_encoders_and_heads_but_not_the_classifier(pretrained):
-    workdir, _ = pretrained
+def test_load_pretrained_copies_encoders_and_heads_but_not_the_classifier(trained_workdir):
+    workdir, _ = trained_workdir
     config = program_config("unused")
     model = train.create_model(config)
     tx = train.create_optimizer(config)
@@ -245,8 +207,8 @@ def test_load_pretrained_copies_encoders_and_heads_but_not_the_classifier(pretra
             np.testing.assert_array_equal(a, b)
 
 
-def test_linear_probe_trains_only_the_classifier(prepared_fake, pretrained, tmp_path):
-    workdir, _ = pretrained
+def test_linear_probe_trains_only_the_classifier(prepared_fake, trained_workdir, tmp_path):
+    workdir, _ = trained_workdir
     config = tiny(load_config("linear_probe"))
     config.data.demo = False
     config.data.data_dir = prepared_fake
