@@ -1,0 +1,118 @@
+"""The loss-memory and train-step benchmarks run end to end (`--quick`) and report what they say."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import common, loss_memory, train_step  # noqa: E402
+
+MACHINE_KEYS = ("platform", "cpu_model", "usable_cores", "memory_gib", "jax_version",
+                "device_kind", "backend")
+
+
+# XLA's CPU compiler spends most of the quick train step's time optimising code that runs for
+# milliseconds; the test checks what the script reports, not its speed.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _env(extra_flags: str = "") -> dict[str, str]:
+    """The test environment on one CPU device (conftest forces 8 for the sharding tests)."""
+    env = dict(os.environ)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags} {extra_flags}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _run(script: str, *args: str, flags: str = "", timeout: float = 300
+         ) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=_env(flags))
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_helpers():
+    assert loss_memory.logits_bytes("nt_xent", 65_536) == 16 * common.GIB
+    assert loss_memory.logits_bytes("cross_modal_infonce", 65_536) == 8 * common.GIB
+    assert train_step.bf16_peak("NVIDIA H100 80GB HBM3") == 798e12
+    assert train_step.bf16_peak("NVIDIA H200") == 790e12
+    assert train_step.bf16_peak("cpu") is None
+    table = common.format_table(["a", "bb"], [[1, "x"], ["long", 2]])
+    assert table.splitlines()[0] == "| a    | bb |"
+    assert len({len(line) for line in table.splitlines()}) == 1
+
+
+def test_loss_memory_quick(tmp_path: Path):
+    out = tmp_path / "loss_memory.json"
+    proc = _run("loss_memory.py", "--quick", "--output", str(out))
+    text = proc.stdout
+    assert "| loss " in text and "peak RSS GiB" in text and "loss+grad s" in text
+    for loss in loss_memory.LOSSES:
+        assert re.search(rf"check {loss} at 2,048 views .*: ok$", text, re.M), text
+    assert "target: loss + gradient for 65,536 views" in text
+
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "loss_memory" and data["quick"] is True
+    for key in MACHINE_KEYS:
+        assert data["machine"].get(key) is not None, key
+    cases = data["cases"]
+    assert len(cases) == 2 * len(loss_memory.LOSSES)
+    for case in cases:
+        assert "error" not in case, case
+        assert case["finite"] and case["time_s"] > 0 and case["views"] == 2048
+        assert 0 < case["rss_before_run_gib"] <= case["peak_rss_gib"] < 2.0
+    for loss in loss_memory.LOSSES:
+        by_path = {c["path"]: c for c in cases if c["loss"] == loss}
+        assert by_path["blockwise"]["block_size"] == 256 and by_path["plain"]["block_size"] is None
+        # The blockwise run equals the plain one (separate processes, same inputs) ...
+        assert by_path["blockwise"]["value"] == pytest.approx(by_path["plain"]["value"],
+                                                              rel=1e-5)
+        # ... and the in-process check of value and gradient agrees.
+        check = data["checks"][loss]
+        assert check["ok"] and check["rel_diff"] < 1e-5 and check["grad_rel_diff"] < 1e-3
+
+
+def test_train_step_quick(tmp_path: Path):
+    out = tmp_path / "train_step.json"
+    proc = _run("train_step.py", "--quick", "--output", str(out), flags=FAST_COMPILE)
+    text = proc.stdout
+    assert "| workload " in text and "samples/s" in text and "TFLOP/s (XLA)" in text
+    assert re.search(r"^\| iai_120 .*\| n/a ", text, re.M), text
+
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "train_step" and data["quick"] is True
+    for key in MACHINE_KEYS:
+        assert data["machine"].get(key) is not None, key
+    assert data["bf16_peak_tflops"] is None  # a CPU has no entry in the peak table
+    (r,) = data["results"]
+    assert r["workload"] == "iai_120" and r["encoders"] == ["resnet18", "resnet18"]
+    assert (r["image"], r["batch"], r["dtype"]) == (32, 16, "float32")
+    assert r["loss_finite"] and r["samples_per_s"] > 0 and r["step_ms"] > 0
+    assert len(r["step_times_s"]) == r["steps"] == 2
+    assert r["gflop_per_sample_xla"] > 0 and r["tflops_xla"] > 0
+    assert r["fraction_of_bf16_peak_xla"] is None
+
+
+def test_anchor_is_imported_by_path(tmp_path: Path):
+    stub = tmp_path / "stub_anchor.py"
+    stub.write_text("def run(bs, img, dtype, iters=20):\n"
+                    "    return {'bs': bs, 'img': img, 'dtype': str(dtype), 'iters': iters,\n"
+                    "            'samples_per_s': 100.0}\n")
+    record = {"image": 120, "batch": 256, "dtype": "bfloat16", "samples_per_s": 250.0}
+    result = train_step.run_anchor(str(stub), record, steps=5)
+    assert (result["bs"], result["img"], result["iters"]) == (256, 120, 5)
+    assert "bfloat16" in result["dtype"]
+    assert result["ratio_samples_per_s"] == pytest.approx(2.5)
+    assert "error" in train_step.run_anchor(str(stub), {**record, "image": 32}, steps=5)
