@@ -241,7 +241,7 @@ def test_bfloat16_inputs_finite_and_close_to_float32():
     np.testing.assert_allclose(bf16, f32, rtol=3e-2)
 
 
-@pytest.mark.parametrize("block_size", [1, 3, 7, 64])
+@pytest.mark.parametrize("block_size", [2, 64])
 def test_blockwise_values_and_gradients_equal_plain(block_size):
     z1, z2, y, cls, mask = _batch(2, n=13)
 
@@ -342,16 +342,17 @@ def test_degenerate_inputs_give_finite_values_and_gradients(block_size):
     y[0, 4] = 1.0                       # label carried by a single sample
     y[1:, 0] = 1.0
     cls = np.zeros(n, np.int32)
+    tau = 0.01  # the sharpest softmax: largest logits
+    bkw = dict(temperature=tau, block_size=block_size)
+
+    def all_four(a, b):
+        return (losses.nt_xent(a, b, **bkw) + losses.cross_modal_infonce(a, b, **bkw)
+                + losses.multilabel_supcon(a, b, y, **bkw)
+                + losses.supcon(a, b, cls, temperature=tau))
+
     for z1, z2 in [(identical, identical), (rng.normal(size=(n, d)).astype(np.float32),) * 2]:
-        for tau in (0.01, 0.5):
-            partial = functools.partial
-            bkw = dict(temperature=tau, block_size=block_size)
-            _finite_value_and_grad(partial(losses.nt_xent, **bkw), z1, z2)
-            _finite_value_and_grad(partial(losses.cross_modal_infonce, **bkw), z1, z2)
-            _finite_value_and_grad(lambda a, b, kw=bkw: losses.multilabel_supcon(a, b, y, **kw),
-                                   z1, z2)
-            _finite_value_and_grad(lambda a, b, t=tau: losses.supcon(a, b, cls, temperature=t),
-                                   z1, z2)
+        # One compiled function; a NaN or Inf in any term or its gradient shows in the sum.
+        _finite_value_and_grad(jax.jit(all_four), z1, z2)
     # Identical embeddings: every similarity equal, so NT-Xent is log(2N - 1).
     np.testing.assert_allclose(losses.nt_xent(identical, identical, block_size=block_size),
                                math.log(2 * n - 1), rtol=1e-6)
