@@ -90,13 +90,13 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.loss.block_size = 0                # > 0: blockwise losses, O(batch * block) memory
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adamw"           # or "lars"
+    c.optimizer.name = "adamw"           # or "sgd" (with momentum) or "lars"
     c.optimizer.learning_rate = 1e-3     # peak, after warmup
     c.optimizer.warmup_steps = 500
     c.optimizer.weight_decay = 1e-4
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
-    c.optimizer.momentum = 0.9           # LARS
+    c.optimizer.momentum = 0.9           # SGD and LARS
     c.optimizer.trust_coefficient = 0.001
     c.optimizer.grad_clip_norm = 0.0     # 0: no clipping
     return c
@@ -237,7 +237,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice("model.inputs", config.model.inputs, ("s1", "s2", "s1s2"))
     _choice("model.stem", config.model.stem, ("standard", "iai"))
     _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
-    _choice("optimizer.name", config.optimizer.name, ("adamw", "lars"))
+    _choice("optimizer.name", config.optimizer.name, ("adamw", "sgd", "lars"))
     _choice("loss.mulsupcon_weighting", config.loss.mulsupcon_weighting, ("mean", "per_sample"))
     from mosaic_jax.models import ENCODER_NAMES
 

@@ -96,12 +96,15 @@ def _decay_mask(params: Any) -> Any:
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW or LARS with the warmup + cosine schedule."""
+    """AdamW, momentum SGD or LARS with the warmup + cosine schedule."""
     o = config.optimizer
     schedule = learning_rate_schedule(config)
     if o.name == "adamw":
         tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                          mask=_decay_mask)
+    elif o.name == "sgd":  # momentum SGD with decoupled weight decay on kernels
+        tx = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=_decay_mask),
+                         optax.sgd(schedule, momentum=o.momentum))
     else:
         tx = optax.lars(schedule, weight_decay=o.weight_decay, weight_decay_mask=_decay_mask,
                         trust_coefficient=o.trust_coefficient, trust_ratio_mask=_decay_mask,
@@ -358,8 +361,21 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
 
-    Returns the final evaluation metrics (also written to the workdir).
+    Returns the final evaluation metrics (also written to the workdir), or
+    {"preempted_at_step": step} when a SIGTERM stopped the run after saving a checkpoint.
     """
+    from mosaic_jax.distributed import PreemptionWatcher
+
+    # While the run lasts, SIGTERM asks for a checkpoint at the next step boundary.
+    preemption = PreemptionWatcher()
+    try:
+        return _train_and_evaluate(config, workdir, preemption)
+    finally:
+        preemption.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        preemption: Any) -> dict[str, Any]:
     import orbax.checkpoint as ocp
     from clu import metric_writers, periodic_actions
     from clu import metrics as clu_metrics
@@ -457,9 +473,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   flush=True)
         return metrics
 
-    from mosaic_jax.distributed import PreemptionWatcher
-
-    preemption = PreemptionWatcher()
     train_metrics = None  # clu.metrics collection of the steps since the last log line
     t0 = time.time()
     for step in range(start_step + 1, config.num_train_steps + 1):
@@ -488,7 +501,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 save(step, force=True)
             manager.wait_until_finished()
             manager.close()
-            preemption.close()
             writer.flush()
             if is_chief:
                 print(f"Preempted (SIGTERM): saved the checkpoint of step {step}; run the same "
@@ -497,7 +509,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if (config.eval_every_steps and step % config.eval_every_steps == 0
                 and step != config.num_train_steps):
             run_eval(step)
-    preemption.close()
     final_step = int(state.step)
     if manager.latest_step() != final_step:
         save(final_step, force=True)
