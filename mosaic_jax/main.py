@@ -9,6 +9,8 @@ from it; SIGTERM saves a checkpoint and exits cleanly.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from absl import app, flags
@@ -28,9 +30,20 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _OnlyWarningsFromLibraries(logging.Filter):
+    """Keeps our and clu's INFO lines (metrics, progress) on the console, drops the INFO
+    chatter of Orbax and TFDS."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname
+                    for lib in ("orbax", "tensorflow_datasets", "jax"))
+        return record.levelno >= logging.WARNING or not noisy
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.getLogger("absl").addFilter(_OnlyWarningsFromLibraries())
     from mosaic_jax import distributed, train
     from mosaic_jax.configuration import validate_config
 
