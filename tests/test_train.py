@@ -130,7 +130,7 @@ def test_full_recipe_uses_ten_percent_of_the_training_data():
     (lambda c: setattr(c.loss, "t_sup", -0.1), "loss.t_sup"),
     (lambda c: setattr(c.data, "train_fraction", 1.5), "data.train_fraction"),
     (lambda c: setattr(c.data, "s2_bands", "s2_everything"), "data.s2_bands"),
-    (lambda c: setattr(c.optimizer, "name", "sgd"), "optimizer.name"),
+    (lambda c: setattr(c.optimizer, "name", "rmsprop"), "optimizer.name"),
     (lambda c: c.loss.weights.unlock().__setattr__("intra", 1.0), "loss.weights.intra"),
     (lambda c: setattr(c, "objective", "mosaic3"), "objective"),
 ])
