@@ -350,6 +350,59 @@ def test_skip_bad_patches_skips_and_reports(damaged, tmp_path):
         assert paths[how].name in by_id[pid]["reason"]
 
 
+def test_parallel_workers_write_the_same_data(tmp_path):
+    """Spawned workers, several shards per split, skip mode: the same shards, examples, order and
+    report as one process."""
+    manual = tmp_path / "manual"
+    ids = write_fake_sen12ms(manual, [("winter", 2)], 5, seed=8)
+    write_fake_sen12ms(manual, [("fall", 6)], 3, seed=8)
+    bad = ids[2]
+    path = _damage(manual, "garbage_lc", int(bad.rsplit("_p", 1)[1]))
+    shards = tfds.download.DownloadConfig(manual_dir=str(manual), num_shards=2)
+    built = {}
+    for workers in (1, 2):
+        builder = tfds.builder("sen12ms", data_dir=tmp_path / f"w{workers}",
+                               file_format="array_record", skip_bad_patches=True,
+                               num_workers=workers)
+        builder.download_and_prepare(download_config=shards)
+        built[workers] = builder
+    serial, parallel = built[1], built[2]
+    a, b = _examples(serial), _examples(parallel)
+    assert list(a) == list(b) == ["train", "validation"]
+    for split in a:
+        assert [x["patch_id"] for x in a[split]] == [x["patch_id"] for x in b[split]]
+        for x, y in zip(a[split], b[split], strict=True):
+            for key in x:
+                np.testing.assert_array_equal(x[key], y[key])
+    for split in a:
+        assert (serial.info.splits[split].shard_lengths
+                == parallel.info.splits[split].shard_lengths)
+        assert parallel.info.splits[split].num_shards == 2
+    assert sorted(x["patch_id"] for x in b["train"]) == sorted(set(ids) - {bad})
+    reports = [(Path(x.data_dir) / sen12ms.REPORT_NAME).read_text() for x in (serial, parallel)]
+    assert reports[0] == reports[1]
+    [skipped] = json.loads(reports[1])["skipped"]
+    assert skipped["patch_id"] == bad and skipped["path"] == str(path)
+
+
+def test_standard_tfds_generator_yields_the_same_examples(damaged, tmp_path):
+    """`_generate_examples` (the plain TFDS interface, unused by download_and_prepare) agrees
+    with `read_patch`, and skips and reports like the parallel writer."""
+    manual, bad, _, good, _ = damaged
+    refs = [r for r in sen12ms.list_patches(manual) if r.season == "winter"]
+    builder = tfds.builder("sen12ms", data_dir=tmp_path / "d", skip_bad_patches=True)
+    got = list(builder._generate_examples("train", refs))
+    assert [key for key, _ in got] == [good]
+    expected = sen12ms.read_patch(next(r for r in refs if r.patch_id == good))
+    assert got[0][1].keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[0][1][key], value)
+    report = json.loads((Path(builder.data_dir) / sen12ms.REPORT_NAME).read_text())
+    assert sorted(r["patch_id"] for r in report["skipped"]) == sorted(bad.values())
+    with pytest.raises(PatchError):
+        list(tfds.builder("sen12ms", data_dir=tmp_path / "e")._generate_examples("train", refs))
+
+
 def test_layout_tolerates_tiff_suffix_stray_files_and_an_enclosing_folder(tmp_path):
     manual = tmp_path / "SEN12MS"
     [pid] = write_fake_sen12ms(manual, [("fall", 6)], 1, seed=6)

@@ -49,25 +49,21 @@ Example order and shards
     Examples are written in the order of TFDS's own shuffling (md5 of the split name and the
     patch id), so the order depends only on the patch ids. TFDS's generic writer is bypassed:
     it needs TensorFlow to spill more than 1 GB to disk and encodes in one process; here each
-    worker process reads, encodes and writes whole shards.
+    worker process reads, encodes and writes whole shards (`data_builders.shard_writer`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import json
-import multiprocessing
 import os
-import queue
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_builders import shard_writer
 from data_builders.geotiff import PatchError, find_tiff, read_tiff
 
 # ---------------------------------------------------------------------------------------------
@@ -386,147 +382,33 @@ def make_features(with_reference_map: bool) -> tfds.features.FeaturesDict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing shards (in worker processes or in this one).
-
-@dataclasses.dataclass(frozen=True)
-class _ShardTask:
-    split: str
-    index: int
-    path: str
-    rows: tuple[PatchRow, ...]
-    root: str
-    with_reference_map: bool
-    skip_bad_patches: bool
-    file_format: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _ShardResult:
-    split: str
-    index: int
-    path: str
-    num_examples: int
-    num_bytes: int
-    skipped: tuple[dict[str, Any], ...]
-
-
-def _skip_record(split: str, error: PatchError) -> dict[str, Any]:
-    return {"split": split, "patch_id": error.patch_id, "path": error.path, "reason": str(error)}
-
-
-def _write_shard(task: _ShardTask, on_patch: Callable[[], None]) -> _ShardResult:
-    """Reads, encodes and serialises the task's patches and writes them, in order, to one
-    shard file. Raises the first `PatchError` unless skipping."""
-    import rasterio
-    from tensorflow_datasets.core import example_serializer, file_adapters
-
-    features = make_features(task.with_reference_map)
-    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
-    skipped: list[dict[str, Any]] = []
-    counts = {"examples": 0, "bytes": 0}
-
-    def serialized() -> Iterator[tuple[str, bytes]]:
-        for row in task.rows:
-            try:
-                example = load_example(task.root, row,
-                                       with_reference_map=task.with_reference_map)
-            except PatchError as e:
-                if not task.skip_bad_patches:
-                    raise
-                skipped.append(_skip_record(task.split, e))
-                on_patch()
-                continue
-            data = serializer.serialize_example(features.encode_example(example))
-            counts["examples"] += 1
-            counts["bytes"] += len(data)
-            on_patch()
-            yield row.patch_id, data
-
-    adapter = file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat(task.file_format)]
-    # No sidecar-file directory scans: every file is opened by its exact name.
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
-        adapter.write_examples(task.path, serialized())
-    return _ShardResult(task.split, task.index, task.path, counts["examples"], counts["bytes"],
-                        tuple(skipped))
-
-
-_progress_queue: Any = None
-
-
-def _init_worker(progress_queue: Any) -> None:
-    global _progress_queue
-    _progress_queue = progress_queue
-
-
-def _write_shard_in_worker(task: _ShardTask) -> _ShardResult:
-    pending = [0]
-
-    def on_patch() -> None:  # Batched, so that the queue is not a bottleneck.
-        pending[0] += 1
-        if pending[0] >= 16:
-            _progress_queue.put(pending[0])
-            pending[0] = 0
-
-    try:
-        return _write_shard(task, on_patch)
-    finally:
-        if pending[0]:
-            _progress_queue.put(pending[0])
-
+# Writing shards: what `data_builders.shard_writer` needs to know about this dataset.
 
 PATCHES_PER_WORKER = 500
 """Default parallelism: one worker process per this many patches (at most one per CPU)."""
 
 
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # Not on Linux.
-        return os.cpu_count() or 1
+@dataclasses.dataclass(frozen=True)
+class BigEarthNetV2Loader(shard_writer.ExampleLoader[PatchRow]):
+    """Reads a metadata row's patch into an example (picklable: it travels to the workers)."""
 
+    root: str
+    with_reference_map: bool
 
-def _run_tasks(tasks: Sequence[_ShardTask], num_workers: int,
-               progress: Callable[[int], None]) -> list[_ShardResult]:
-    """Runs the shard tasks in this process (num_workers == 1 or a single task) or in spawned
-    worker processes.
+    def features(self) -> tfds.features.FeaturesDict:
+        return make_features(self.with_reference_map)
 
-    Spawn is safe whatever threads the parent runs (e.g. JAX's); like any spawn-based
-    multiprocessing it re-imports the main script in the workers, so a script that prepares the
-    dataset needs an `if __name__ == "__main__":` guard (without one, the workers fail and this
-    raises `BrokenProcessPool` instead of hanging)."""
-    num_workers = max(1, min(num_workers, len(tasks)))
-    if num_workers == 1:
-        return [_write_shard(task, lambda: progress(1)) for task in tasks]
-    context = multiprocessing.get_context("spawn")
-    progress_queue = context.Queue()
+    def serialized_size(self) -> int:
+        """Bytes of one serialised example (the rasters dominate)."""
+        size = PATCH_SIZE * PATCH_SIZE * (4 * len(S1_BANDS) + 2 * len(S2_BANDS)) + 1024
+        return size + (PATCH_SIZE * PATCH_SIZE if self.with_reference_map else 0)
 
-    def drain() -> None:
-        while True:
-            try:
-                progress(progress_queue.get_nowait())
-            except queue.Empty:
-                return
+    def load(self, item: PatchRow) -> dict[str, Any]:
+        import rasterio
 
-    results = []
-    pool = concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=context, initializer=_init_worker, initargs=(progress_queue,))
-    try:
-        pending = {pool.submit(_write_shard_in_worker, task) for task in tasks}
-        while pending:
-            done, pending = concurrent.futures.wait(
-                pending, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
-            drain()
-            results.extend(future.result() for future in done)  # Re-raises a PatchError.
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        processes = getattr(pool, "_processes", None) or {}  # Private; stop running shards.
-        for process in list(processes.values()):
-            process.terminate()
-        raise
-    pool.shutdown(wait=True)
-    time.sleep(0.05)
-    drain()
-    return results
+        # No sidecar-file directory scans: every file is opened by its exact name.
+        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+            return load_example(self.root, item, with_reference_map=self.with_reference_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,10 +526,13 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
                 except PatchError as e:
                     if not self.skip_bad_patches:
                         raise
-                    rejected.append(_skip_record(row.split, e))
+                    rejected.append(shard_writer.skip_record(row.split, e))
                     continue
                 by_split[row.split].append(row)
         return by_split, rejected
+
+    def _loader(self, root: Path) -> BigEarthNetV2Loader:
+        return BigEarthNetV2Loader(os.fspath(root), self.builder_config.with_reference_map)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         """The standard TFDS interface (one process, TFDS's writer); `_generate_splits` does
@@ -659,16 +544,11 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
                 for split, rows in by_split.items() if rows}
 
     def _generate_examples(self, root: Path, rows: Sequence[PatchRow]):
+        loader = self._loader(root)
         for row in rows:
-            try:
-                example = load_example(root, row,
-                                       with_reference_map=self.builder_config.with_reference_map)
-            except PatchError as e:
-                if not self.skip_bad_patches:
-                    raise
-                self._serial_skipped.append(_skip_record(row.split, e))
-                continue
-            yield row.patch_id, example
+            yield from shard_writer.generate_examples(
+                loader, row.split, [(row.patch_id, row)], skip_bad_patches=self.skip_bad_patches,
+                skipped=self._serial_skipped)
         self._write_report(self._serial_skipped)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -676,97 +556,26 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
     def _generate_splits(self, dl_manager: tfds.download.DownloadManager,
                          download_config: tfds.download.DownloadConfig):
         """Plans shards per split, writes them (in parallel), returns the `SplitInfo`s."""
-        from tensorflow_datasets.core import hashing
-        from tensorflow_datasets.core.utils import tqdm_utils
-
         root = Path(dl_manager.manual_dir)
         self._check_manual_dir(root)
         by_split, skipped = self._plan(root)
-        file_format = self.info.file_format
-        shard_config = download_config.get_shard_config()
-        example_size = _serialized_size_estimate(self.builder_config.with_reference_map)
-        tasks: list[_ShardTask] = []
-        templates = {}
-        for split, rows in by_split.items():
-            if download_config.max_examples_per_split is not None:
-                rows = rows[:download_config.max_examples_per_split]
-            if not rows:
-                continue
-            hasher = hashing.Hasher(split)
-            rows = sorted(rows, key=lambda r: hasher.hash_key(r.patch_id))
-            num_shards = shard_config.get_number_shards(len(rows) * example_size, len(rows))
-            num_shards = max(1, min(num_shards, len(rows)))
-            bounds = [round(len(rows) * i / num_shards) for i in range(num_shards + 1)]
-            template = self._get_filename_template(split_name=split)
-            templates[split] = template
-            for i in range(num_shards):
-                tmp_path = os.fspath(template.data_dir / f"{template.dataset_name}-{split}"
-                                     f".shard{i:05d}.tmp")
-                tasks.append(_ShardTask(
-                    split=split, index=i, path=tmp_path, rows=tuple(rows[bounds[i]:bounds[i + 1]]),
-                    root=os.fspath(root),
-                    with_reference_map=self.builder_config.with_reference_map,
-                    skip_bad_patches=self.skip_bad_patches, file_format=file_format.value))
-        total = sum(len(t.rows) for t in tasks)
-        # By default one process per PATCHES_PER_WORKER patches, at most one per usable CPU:
-        # starting a process (imports included) costs seconds, reading 500 patches ~10 s.
-        workers = self._num_workers or min(_available_cpus(), max(1, total // PATCHES_PER_WORKER))
-        with tqdm_utils.tqdm(total=total, desc="Reading patches", unit=" patches",
-                             mininterval=1.0, leave=False) as bar:
-            results = _run_tasks(tasks, workers, bar.update)
-
-        split_infos = []
-        for split, template in templates.items():
-            shards = sorted((r for r in results if r.split == split), key=lambda r: r.index)
-            for r in shards:
-                skipped.extend(r.skipped)
-            kept = [r for r in shards if r.num_examples]
-            for r in shards:
-                if not r.num_examples:
-                    Path(r.path).unlink(missing_ok=True)
-            if not kept:
-                continue  # Every patch of the split was bad (and skipped).
-            for i, r in enumerate(kept):
-                os.replace(r.path, template.sharded_filepath(shard_index=i, num_shards=len(kept)))
-            split_infos.append(tfds.core.SplitInfo(
-                name=split, shard_lengths=[r.num_examples for r in kept],
-                num_bytes=sum(r.num_bytes for r in kept), filename_template=template))
-        self._write_report(skipped)
-        if not split_infos:
-            raise PatchError("no readable patch at all", patch_id="*", path=root)
-        return split_infos
+        return shard_writer.generate_splits(
+            self, {split: [(row.patch_id, row) for row in rows]
+                   for split, rows in by_split.items()},
+            self._loader(root), download_config=download_config,
+            skip_bad_patches=self.skip_bad_patches, num_workers=self._num_workers,
+            report=self._write_report, skipped=skipped, items_per_worker=PATCHES_PER_WORKER,
+            source=root)
 
     def _write_report(self, skipped: list[dict[str, Any]]) -> None:
         """Writes `skipped_patches.json` into the directory being prepared (TFDS moves it into
         place with the shards)."""
-        report = {
-            "dataset": self.name,
-            "config": self.builder_config.name,
-            "version": str(self.version),
-            "num_skipped": len(skipped),
-            "skipped": sorted(skipped, key=lambda s: (SPLITS.index(s["split"])
-                                                      if s["split"] in SPLITS else 99,
-                                                      s["patch_id"])),
-        }
-        path = Path(self.data_dir) / REPORT_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.part")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-
-
-def _serialized_size_estimate(with_reference_map: bool) -> int:
-    """Bytes of one serialised example (the rasters dominate), for choosing shard counts."""
-    size = PATCH_SIZE * PATCH_SIZE * (4 * len(S1_BANDS) + 2 * len(S2_BANDS)) + 1024
-    return size + (PATCH_SIZE * PATCH_SIZE if with_reference_map else 0)
+        shard_writer.write_report(self, skipped, name=REPORT_NAME, split_order=SPLITS)
 
 
 def skipped_patches(data_path: str | os.PathLike) -> list[dict[str, Any]]:
     """The `skipped` list of a prepared dataset's report ([] when there is no report)."""
-    path = Path(data_path) / REPORT_NAME
-    if not path.is_file():
-        return []
-    return list(json.loads(path.read_text())["skipped"])
+    return shard_writer.read_skipped(data_path, REPORT_NAME)
 
 
 __all__ = [

@@ -2,8 +2,9 @@
 land-cover triplets, 256 x 256 px at 10 m, four seasons, with the simplified 10-class IGBP
 multi-labels of Schmitt & Wu (2021) computed from the land-cover raster itself.
 
-Reads the extracted official archives (no TensorFlow needed; write with
-`file_format="array_record"`). Layout under the manual directory::
+Reads the extracted official archives and writes shards without TensorFlow (use
+`file_format="array_record"`; `data_builders.shard_writer` does the writing, in parallel worker
+processes). Layout under the manual directory::
 
     ROIs{1158_spring,1868_summer,1970_fall,2017_winter}/{s1,s2,lc}_<scene>/
         ROIs<seed>_<season>_<s1|s2|lc>_<scene>_p<patch>.tif
@@ -24,8 +25,8 @@ Splits (by whole scenes, never by patch)
         `validation_scene`. The choice depends on nothing but the scene's own key, so it is the
         same for any subset of the data and on every machine.
     train: the rest.
-    A split with no scene in the manual directory is not generated. (A split whose every patch
-    is skipped as bad makes TFDS fail with "No examples were yielded".)
+    A split with no scene in the manual directory is not generated, nor is one whose every patch
+    is skipped as bad; when no patch at all can be read the build fails with a `PatchError`.
 
 Labels
     `igbp_fractions[k]` = (pixels with IGBP class k+1 in the LC raster's band 1) / (H * W).
@@ -49,25 +50,31 @@ Bad data
 
 Builder options: config fields of `Sen12msConfig` (skip_bad_patches, nonfinite_s1_fill,
 validation_fraction) or the keyword arguments `tfds.builder("sen12ms", ..., skip_bad_patches=True,
-nonfinite_s1_fill=-25.0, num_workers=4)`, which override the config's values.
+nonfinite_s1_fill=-25.0, num_workers=4)`, which override the config's values. `num_workers`:
+processes that read, encode and write shards; default one per 500 triplets, at most one per
+usable CPU; 1 reads in this process. Workers are spawned, so a script that prepares the data
+needs the usual `if __name__ == "__main__":` guard.
+
+Example order and shards
+    As TFDS's own writer would order them (md5 of the split name and the patch id) and as many
+    shards as its shard config chooses for the estimated size, but written by worker processes
+    without TFDS's shuffle (which needs TensorFlow past 1 GB).
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import hashlib
-import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_builders import shard_writer
 from data_builders.geotiff import PatchError, find_tiff, read_tiff
 
 # ---------------------------------------------------------------------------------------------
@@ -317,35 +324,48 @@ def read_patch(ref: PatchRef, *, nonfinite_s1_fill: float | None = None) -> dict
     }
 
 
-def _read_or_error(ref: PatchRef, fill: float | None) -> dict[str, Any] | PatchError:
-    try:
-        return read_patch(ref, nonfinite_s1_fill=fill)
-    except PatchError as e:
-        return e
+def make_features() -> tfds.features.FeaturesDict:
+    """The builder's feature spec. Rasters are stored as raw bytes: the default encoding writes
+    one protobuf varint / float per value, ~30x slower to serialise and to decode for
+    256 x 256 x 13 arrays."""
+    hw = (PATCH_SIZE, PATCH_SIZE)
+    raw = tfds.features.Encoding.BYTES
+    return tfds.features.FeaturesDict({
+        "s1": tfds.features.Tensor(shape=(*hw, len(S1_BANDS)), dtype=np.float32, encoding=raw),
+        "s2": tfds.features.Tensor(shape=(*hw, len(S2_BANDS)), dtype=np.uint16, encoding=raw),
+        "lc": tfds.features.Tensor(shape=(*hw, len(LC_BANDS)), dtype=np.uint16, encoding=raw),
+        "labels": tfds.features.Tensor(shape=(len(SIMPLIFIED_CLASSES),), dtype=np.bool_),
+        "igbp_fractions": tfds.features.Tensor(shape=(NUM_IGBP_CLASSES,), dtype=np.float32),
+        "patch_id": tfds.features.Text(),
+        "season": tfds.features.Text(),
+        "scene_id": tfds.features.Scalar(dtype=np.int32),
+        "patch": tfds.features.Scalar(dtype=np.int32),
+    })
 
 
-def _prefetched(fn, items: Sequence, workers: int) -> Iterator:
-    """Yields fn(item) in order, computing up to 2 * workers items ahead on threads (GDAL
-    releases the GIL while decoding, so reads overlap with TFDS serialisation)."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sen12ms-read")
-    try:
-        pending: collections.deque = collections.deque()
-        it = iter(items)
-        for item in it:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            result = pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(fn, nxt))
-            yield result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+# ---------------------------------------------------------------------------------------------
+# Writing shards: what `data_builders.shard_writer` needs to know about this dataset.
+
+@dataclasses.dataclass(frozen=True)
+class Sen12msLoader(shard_writer.ExampleLoader[PatchRef]):
+    """Reads a triplet into an example (picklable: it travels to the worker processes)."""
+
+    nonfinite_s1_fill: float | None = None
+
+    def features(self) -> tfds.features.FeaturesDict:
+        return make_features()
+
+    def serialized_size(self) -> int:
+        """Bytes of one serialised example (the rasters dominate)."""
+        channels = 4 * len(S1_BANDS) + 2 * len(S2_BANDS) + 2 * len(LC_BANDS)
+        return PATCH_SIZE * PATCH_SIZE * channels + 1024
+
+    def load(self, item: PatchRef) -> dict[str, Any]:
+        import rasterio
+
+        # No sidecar-file directory scans: every file is opened by its exact name.
+        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+            return read_patch(item, nonfinite_s1_fill=self.nonfinite_s1_fill)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,11 +422,12 @@ class Sen12ms(tfds.core.GeneratorBasedBuilder):
         **kwargs: Any,
     ):
         """`skip_bad_patches` / `nonfinite_s1_fill`, when given, override the config's values;
-        `num_workers` threads read TIFFs ahead (default min(8, CPU count))."""
+        `num_workers`: processes that read and write shards (see the module docstring)."""
         self._skip_override = skip_bad_patches
         self._fill_override = nonfinite_s1_fill
-        self._num_workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+        self._num_workers = num_workers
         self._skipped: list[dict[str, Any]] = []
+        self._left_out: list[str] = []
         super().__init__(**kwargs)
 
     @property
@@ -422,31 +443,13 @@ class Sen12ms(tfds.core.GeneratorBasedBuilder):
         return self.builder_config.nonfinite_s1_fill
 
     def _info(self) -> tfds.core.DatasetInfo:
-        hw = (PATCH_SIZE, PATCH_SIZE)
-        # Rasters are stored as raw bytes: the default encoding writes one protobuf varint / float
-        # per value, ~30x slower to serialise and to decode for 256 x 256 x 13 arrays.
-        raw = tfds.features.Encoding.BYTES
         return tfds.core.DatasetInfo(
             builder=self,
             description=(
                 "SEN12MS: Sentinel-1 (VV, VH dB), Sentinel-2 L1C (13 bands) and MODIS land-cover "
                 "(IGBP, LCCS LC/LU/SH) triplets, 256x256 px at 10 m; simplified 10-class IGBP "
                 "multi-labels (fraction >= 0.1) computed from the IGBP band."),
-            features=tfds.features.FeaturesDict({
-                "s1": tfds.features.Tensor(shape=(*hw, len(S1_BANDS)), dtype=np.float32,
-                                           encoding=raw),
-                "s2": tfds.features.Tensor(shape=(*hw, len(S2_BANDS)), dtype=np.uint16,
-                                           encoding=raw),
-                "lc": tfds.features.Tensor(shape=(*hw, len(LC_BANDS)), dtype=np.uint16,
-                                           encoding=raw),
-                "labels": tfds.features.Tensor(shape=(len(SIMPLIFIED_CLASSES),), dtype=np.bool_),
-                "igbp_fractions": tfds.features.Tensor(shape=(NUM_IGBP_CLASSES,),
-                                                       dtype=np.float32),
-                "patch_id": tfds.features.Text(),
-                "season": tfds.features.Text(),
-                "scene_id": tfds.features.Scalar(dtype=np.int32),
-                "patch": tfds.features.Scalar(dtype=np.int32),
-            }),
+            features=make_features(),
             homepage="https://mediatum.ub.tum.de/1474000",
             citation="""@article{schmitt2019sen12ms,
   title={SEN12MS -- A Curated Dataset of Georeferenced Multi-Spectral Sentinel-1/2 Imagery for
@@ -456,51 +459,51 @@ class Sen12ms(tfds.core.GeneratorBasedBuilder):
   volume={IV-2/W7}, pages={153--160}, year={2019}}""",
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        refs = list_patches(dl_manager.manual_dir)
+    def _plan(self, root: str | os.PathLike) -> tuple[dict[str, list[PatchRef]], list[str]]:
+        """Triplets per split in `list_patches` order, and the ids of the left-out ones."""
         by_split: dict[str, list[PatchRef]] = {"train": [], "validation": [], "test": []}
         left_out = []
         fraction = self.builder_config.validation_fraction
-        for ref in refs:
+        for ref in list_patches(root):
             if (ref.season, ref.scene, ref.patch) in BROKEN_TRIPLETS:
                 left_out.append(ref.patch_id)
                 continue
             by_split[scene_split(ref.season, ref.scene, fraction)].append(ref)
+        return by_split, left_out
+
+    def _loader(self) -> Sen12msLoader:
+        return Sen12msLoader(self.nonfinite_s1_fill)
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        """The standard TFDS interface (one process, TFDS's writer); `_generate_splits` does
+        the same work in parallel and is what `download_and_prepare` uses."""
+        by_split, self._left_out = self._plan(dl_manager.manual_dir)
         self._skipped = []
-        self._left_out = left_out
-        self._write_report()
+        self._write_report(self._skipped)
         return {split: self._generate_examples(split, split_refs)
                 for split, split_refs in by_split.items() if split_refs}
 
     def _generate_examples(self, split: str, refs: Iterable[PatchRef]):
-        fill = self.nonfinite_s1_fill
-        refs = list(refs)
-        results = _prefetched(lambda r: _read_or_error(r, fill), refs, self._num_workers)
-        for ref, result in zip(refs, results, strict=True):
-            if isinstance(result, PatchError):
-                if not self.skip_bad_patches:
-                    raise result
-                self._skipped.append({"split": split, "patch_id": ref.patch_id,
-                                      "path": result.path, "reason": str(result)})
-                continue
-            yield ref.patch_id, result
-        self._write_report()
+        yield from shard_writer.generate_examples(
+            self._loader(), split, [(ref.patch_id, ref) for ref in refs],
+            skip_bad_patches=self.skip_bad_patches, skipped=self._skipped)
+        self._write_report(self._skipped)
 
-    def _write_report(self) -> None:
+    def _generate_splits(self, dl_manager: tfds.download.DownloadManager,
+                         download_config: tfds.download.DownloadConfig):
+        """Plans shards per split, writes them (in parallel), returns the `SplitInfo`s."""
+        by_split, self._left_out = self._plan(dl_manager.manual_dir)
+        return shard_writer.generate_splits(
+            self, {split: [(ref.patch_id, ref) for ref in refs]
+                   for split, refs in by_split.items()},
+            self._loader(), download_config=download_config,
+            skip_bad_patches=self.skip_bad_patches, num_workers=self._num_workers,
+            report=self._write_report, source=dl_manager.manual_dir)
+
+    def _write_report(self, skipped: list[dict[str, Any]]) -> None:
         """Writes skipped_patches.json into the dataset directory being prepared (TFDS moves it
-        into place with the data)."""
-        report = {
-            "dataset": self.name,
-            "config": self.builder_config.name,
-            "version": str(self.version),
-            "num_skipped": len(self._skipped),
-            "skipped": sorted(self._skipped, key=lambda s: (s["split"], s["patch_id"])),
-            "left_out": [{"patch_id": p, "reason": "known broken triplet (NaN in S1); dropped "
-                                                   "by the official lists"}
-                         for p in self._left_out],
-        }
-        path = Path(self.data_dir) / REPORT_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.part")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
+        into place with the data); skip records sorted by split name, then patch id."""
+        left_out = [{"patch_id": p, "reason": "known broken triplet (NaN in S1); dropped by the "
+                                              "official lists"}
+                    for p in self._left_out]
+        shard_writer.write_report(self, skipped, name=REPORT_NAME, extra={"left_out": left_out})
