@@ -6,6 +6,9 @@ orbax ``StandardSave`` of ``TrainState``). Restoring here does not need the opti
 device topology of the training run: the checkpoint's own metadata gives the shapes and dtypes,
 and only ``params``, ``batch_stats`` and ``step`` are read, onto one local device, then copied to
 host numpy arrays.
+
+The workdir may be a local path or a URL (``gs://bucket/runs/x``: anything with ``://``), read
+through ``etils.epath``.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
+# Orbax writes gs:// checkpoints in place and marks a finished step with this file.
+_GCS_COMMIT_FILE = "commit_success.txt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +32,7 @@ class RestoredRun:
     """What a workdir's checkpoint holds for inference.
 
     Attributes:
-      workdir: absolute path of the workdir.
+      workdir: absolute path (or URL) of the workdir.
       step: training step of the checkpoint.
       config: the run's ``ml_collections.ConfigDict``.
       variables: ``{"params": ..., "batch_stats": ...}`` nested dicts of host numpy arrays,
@@ -40,29 +46,37 @@ class RestoredRun:
 
 
 def _abs(workdir: str | os.PathLike[str]) -> str:
-    return os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+    """A URL (``gs://...``) as given; a local path with ``~`` expanded, made absolute."""
+    workdir = os.fspath(workdir)
+    if "://" in workdir:
+        return workdir
+    return os.path.abspath(os.path.expanduser(workdir))
 
 
 def checkpoint_steps(workdir: str | os.PathLike[str]) -> list[int]:
     """Sorted steps of the finished checkpoints in ``workdir/checkpoints`` (may be empty).
 
     Orbax names a finished step's folder by the bare integer (unfinished ones carry a temporary
-    suffix), and the folder must hold the ``state`` item.
+    suffix; on ``gs://``, where it writes in place, a finished one holds ``commit_success.txt``),
+    and the folder must hold the ``state`` item.
     """
-    root = os.path.join(_abs(workdir), CHECKPOINT_DIR)
-    if not os.path.isdir(root):
+    workdir = _abs(workdir)
+    root = epath.Path(workdir) / CHECKPOINT_DIR
+    if not root.is_dir():
         return []
+    in_place = workdir.startswith("gs://")
     steps = []
-    for name in os.listdir(root):
-        if name.isdigit() and os.path.isdir(os.path.join(root, name, "state")):
-            steps.append(int(name))
+    for child in root.iterdir():
+        if (child.name.isdigit() and (child / "state").is_dir()
+                and (not in_place or (child / _GCS_COMMIT_FILE).exists())):
+            steps.append(int(child.name))
     return sorted(steps)
 
 
 def latest_step(workdir: str | os.PathLike[str]) -> int:
     """The newest checkpoint step; FileNotFoundError naming the workdir when there is none."""
     workdir = _abs(workdir)
-    if not os.path.isdir(workdir):
+    if not epath.Path(workdir).is_dir():
         raise FileNotFoundError(f"workdir {workdir!r} does not exist")
     steps = checkpoint_steps(workdir)
     if not steps:
@@ -77,13 +91,12 @@ def load_config(workdir: str | os.PathLike[str]) -> Any:
     """The run's config (``config.json`` rebuilt as an ``ml_collections.ConfigDict``)."""
     import ml_collections
 
-    path = os.path.join(_abs(workdir), CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = epath.Path(_abs(workdir)) / CONFIG_FILE
+    if not path.is_file():
         raise FileNotFoundError(
             f"workdir {_abs(workdir)!r} has no {CONFIG_FILE} (is it a mosaic_jax training "
             "workdir?)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def restore_variables(workdir: str | os.PathLike[str], step: int | None = None) -> RestoredRun:
@@ -95,7 +108,6 @@ def restore_variables(workdir: str | os.PathLike[str], step: int | None = None) 
     """
     import jax
     import orbax.checkpoint as ocp
-    from etils import epath
 
     workdir = _abs(workdir)
     if step is None:

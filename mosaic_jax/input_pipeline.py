@@ -38,6 +38,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 
 from mosaic_jax import bands as bands_lib
 
@@ -52,11 +53,16 @@ _PREPARE_HINT = (
 
 
 def _versions(directory: str) -> list[tuple[tuple[int, ...], str]]:
-    """(parsed version, path) of the prepared versions (with dataset_info.json) in directory."""
+    """(parsed version, path) of the prepared versions (with dataset_info.json) in directory.
+
+    `directory` is a local path or a URL (``gs://...``), listed through ``etils.epath``.
+    """
     out = []
-    if os.path.isdir(directory):
-        for v in os.listdir(directory):
-            if os.path.isfile(os.path.join(directory, v, "dataset_info.json")):
+    folder = epath.Path(directory)
+    if folder.is_dir():
+        for child in folder.iterdir():
+            v = child.name
+            if (child / "dataset_info.json").is_file():
                 try:
                     out.append((tuple(int(p) for p in v.split(".")), os.path.join(directory, v)))
                 except ValueError:
@@ -69,7 +75,8 @@ def _find_prepared(name: str, data_dir: str) -> str | None:
 
     `name` is "dataset", "dataset/config" or either with ":version"; layouts
     data_dir/dataset/version and data_dir/dataset/config/version. Without a config, a dataset
-    prepared with configs resolves to its "default" config, or to its only config.
+    prepared with configs resolves to its "default" config, or to its only config. `data_dir` is
+    a local path or a URL (``gs://bucket/tfds``).
     """
     base, _, version = name.partition(":")
     dataset, _, config = base.partition("/")
@@ -79,8 +86,9 @@ def _find_prepared(name: str, data_dir: str) -> str | None:
     elif _versions(root):
         dirs = [root]
     else:
-        configs = sorted(c for c in os.listdir(root) if _versions(os.path.join(root, c))) if (
-            os.path.isdir(root)) else []
+        root_path = epath.Path(root)
+        configs = sorted(c.name for c in root_path.iterdir()
+                         if _versions(os.path.join(root, c.name))) if root_path.is_dir() else []
         if "default" in configs:
             configs = ["default"]
         if len(configs) > 1:
@@ -101,7 +109,8 @@ def open_source(name: str, split: str, data_dir: str) -> Any:
         version ("bigearthnet_v2/default:1.0.0"); without a config, "default" is used when the
         dataset was prepared with configs.
       split: TFDS split spec, e.g. "train", "validation", "test[:1000]".
-      data_dir: TFDS data directory the dataset was prepared into.
+      data_dir: TFDS data directory the dataset was prepared into: a local path or a URL
+        (``gs://bucket/tfds``).
 
     Returns:
       A data source with len() and __getitem__ returning a dict of numpy arrays.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -312,7 +314,20 @@ TRAIN_KEYS = ("s1", "s2", "labels", "label_mask")
 # The program (the edge: data, checkpoints, logs, files)
 
 
+def _is_remote(path: str) -> bool:
+    """Whether `path` is a URL (``gs://...``), read and written through ``etils.epath``."""
+    return "://" in path
+
+
 def _atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` so that a reader sees the old or the new file, never a partial one.
+
+    Locally through a temp file and ``os.replace``; a URL as one whole object (an object
+    store's single write is atomic).
+    """
+    if _is_remote(path):
+        epath.Path(path).write_text(text)
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -351,11 +366,24 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
     _atomic_write_text(os.path.join(workdir, f"metrics_{split}.md"),
                        f"# {split} metrics at step {step}\n\n"
                        + format_metrics_markdown(metrics, class_names))
-    with open(os.path.join(workdir, "eval_history.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    history, line = os.path.join(workdir, "eval_history.jsonl"), json.dumps(record) + "\n"
+    if _is_remote(history):  # objects cannot be appended to: read, then rewrite whole
+        old = epath.Path(history)
+        _atomic_write_text(history, (old.read_text() if old.exists() else "") + line)
+    else:
+        with open(history, "a") as f:
+            f.write(line)
     if tsne_points > 0 and len(embeddings) >= 5:
-        plot_tsne(embeddings, labels, class_names, os.path.join(workdir, f"tsne_{split}.png"),
-                  max_points=tsne_points, title=f"embeddings, {split} split, step {step}")
+        png = os.path.join(workdir, f"tsne_{split}.png")
+        title = f"embeddings, {split} split, step {step}"
+        if not _is_remote(png):
+            plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points, title=title)
+        else:  # render to a local file, then upload the finished picture in one write
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, os.path.basename(png))
+                plot_tsne(embeddings, labels, class_names, local, max_points=tsne_points,
+                          title=title)
+                epath.Path(png).write_bytes(epath.Path(local).read_bytes())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -388,8 +416,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.init_from:
         config = adopt_pretrained_model(config)
         validate_config(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    if not _is_remote(workdir):  # a URL (gs://bucket/runs/x) is used as given
+        workdir = os.path.abspath(os.path.expanduser(workdir))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     d = config.data
 
