@@ -57,6 +57,7 @@ from data_builders.bigearthnet_v2.bigearthnet_v2 import (
     s2_patch_dir,
 )
 from data_builders.geotiff import write_tiff
+from mosaic_jax import atomic_files
 
 PATCH_METRES = 1200.0
 """Side of a patch in metres (120 px at 10 m)."""
@@ -209,11 +210,7 @@ def write_geotiff(path: str | os.PathLike, array: np.ndarray, *, epsg: int,
     pixels = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
     buffer[template.data_offset:template.data_offset + len(pixels)] = pixels
     struct.pack_into("<dd", buffer, template.tiepoint_offset + 24, transform[2], transform[5])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    tmp.write_bytes(buffer)
-    os.replace(tmp, path)
+    atomic_files.write_atomic(path, bytes(buffer))
 
 
 def write_s2_patch(root: str | os.PathLike, patch_id: str, bands: Mapping[str, np.ndarray], *,
@@ -280,11 +277,8 @@ def write_metadata(path: str | os.PathLike, rows: Iterable[Mapping]) -> None:
     rows = list(rows)
     columns = {name: [row[name] for row in rows] for name in schema.names}
     columns["labels"] = [sorted(labels) for labels in columns["labels"]]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    pq.write_table(pa.Table.from_pydict(columns, schema=schema), tmp)
-    os.replace(tmp, path)
+    with atomic_files.atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pydict(columns, schema=schema), tmp)
 
 
 # ---------------------------------------------------------------------------------------------

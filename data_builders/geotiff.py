@@ -8,11 +8,12 @@ rename), so an interrupted fake-data generator never leaves a half-written TIFF 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from mosaic_jax import atomic_files
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -111,12 +112,5 @@ def write_tiff(
         profile["nodata"] = nodata
     if compress:
         profile["compress"] = compress
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_files.atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(data)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import tensorflow_datasets as tfds
 
 from data_builders.geotiff import PatchError
+from mosaic_jax import atomic_files
 
 if TYPE_CHECKING:
     from tensorflow_datasets.core.naming import ShardedFileTemplate
@@ -352,11 +353,8 @@ def write_report(builder: tfds.core.DatasetBuilder, skipped: Sequence[dict[str, 
                                                   s["patch_id"])),
         **(extra or {}),
     }
-    path = Path(builder.data_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_files.write_atomic(os.path.join(os.fspath(builder.data_dir), name),
+                              json.dumps(report, indent=2) + "\n")
 
 
 def read_skipped(data_path: str | os.PathLike, name: str) -> list[dict[str, Any]]:

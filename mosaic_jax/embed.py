@@ -14,12 +14,13 @@ temp file, then rename) with, for the N patches of the split in source order:
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
+
+from mosaic_jax import atomic_files
 
 
 def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | None = None,
@@ -85,25 +86,6 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
     return result
 
 
-def write_npz_atomic(path: str, arrays: dict[str, Any]) -> None:
-    """``np.savez`` to a temp file in the same folder, then ``os.replace`` onto ``path``."""
-    path = os.path.abspath(os.path.expanduser(path))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
@@ -127,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                              patch_ids=not args.no_patch_ids, max_batches=args.max_batches)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
-    write_npz_atomic(args.output, arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_files.write_atomic(args.output, buf.getvalue())
     shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
     print(f"Wrote {len(arrays['index'])} rows to {os.path.abspath(args.output)}: {shapes}")
 

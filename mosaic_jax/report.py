@@ -30,9 +30,10 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from typing import Any
+
+from mosaic_jax import atomic_files
 
 HEADLINE = (("macro_ap", "macro AP"), ("micro_ap", "micro AP"), ("macro_f1", "macro F1"),
             ("micro_f1", "micro F1"))
@@ -57,24 +58,6 @@ class Run:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
-
-
-def _write_atomic(path: str, data: str | bytes) -> None:
-    """Writes ``data`` to a temp file beside ``path`` and renames it onto ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_run(workdir: str, split: str = "validation") -> Run:
@@ -250,7 +233,7 @@ def plot_ap_per_class(runs: list[Run], path: str, title: str) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _write_atomic(path, buf.getvalue())
+    atomic_files.write_atomic(path, buf.getvalue())
 
 
 def write_report(workdirs: Sequence[str], output: str, *, split: str = "validation",
@@ -265,7 +248,7 @@ def write_report(workdirs: Sequence[str], output: str, *, split: str = "validati
     files: list[str] = []
 
     def put(name: str, data: str | bytes) -> None:
-        _write_atomic(os.path.join(output, name), data)
+        atomic_files.write_atomic(os.path.join(output, name), data)
         files.append(name)
 
     md, table = comparison_table(runs)

@@ -6,18 +6,20 @@ structure and every labelled point gets exactly one colour. Points with no label
 translucent black. Legend counts are the points drawn in each colour.
 
 Uses matplotlib's object-oriented API on an Agg canvas (no pyplot, no display, no global
-backend switch), and writes the PNG atomically (temp file in the same folder, then
-``os.replace``), so a reader never sees a half-written picture.
+backend switch), and writes the PNG atomically (`mosaic_jax.atomic_files`: local paths and
+gs:// URLs), so a reader never sees a half-written picture.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from mosaic_jax import atomic_files
 
 __all__ = ["plot_tsne", "dominant_label"]
 
@@ -152,24 +154,11 @@ def plot_tsne(
             frameon=False,
         )
     fig.tight_layout()
-    _save_png_atomic(fig, os.fspath(path))
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_files.write_atomic(path, png.getvalue())
 
 
 def _legend_handle(line_cls: Any, color: Any, label: str) -> Any:
     """A round marker legend entry (one per class actually plotted)."""
     return line_cls([], [], marker="o", linestyle="", markersize=5, color=color, label=label)
-
-
-def _save_png_atomic(fig: Any, path: str) -> None:
-    """Writes ``fig`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tsne-", suffix=".png.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

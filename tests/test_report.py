@@ -154,7 +154,7 @@ def test_charts_and_tsne_pictures(written, runs):
     assert "![t-SNE supervised](tsne/supervised_bigearthnet_v2.png)" in page
     assert f"(no tsne_validation.png in {runs[0]})" in page
     assert "![AP per class, sen12ms](ap_per_class_sen12ms.png)" in page
-    assert not [n for n in os.listdir(written) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(written) if n.startswith(".")]  # no temp file left
 
 
 def test_a_workdir_without_metrics_is_named(runs, tmp_path, capsys):
