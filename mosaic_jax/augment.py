@@ -336,32 +336,35 @@ def _out_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def two_views(
-    rng: jax.Array, s1: jax.Array, s2: jax.Array, cfg: AugmentConfig
-) -> dict[str, jax.Array]:
-    """Two independently augmented views of a batch of co-registered S1/S2 pairs.
+@functools.partial(jax.jit, static_argnames=("cfg", "num_views"))
+def paired_views(
+    rng: jax.Array, s1: jax.Array, s2: jax.Array, cfg: AugmentConfig, num_views: int = 2
+) -> tuple[jax.Array, jax.Array]:
+    """`num_views` independently augmented views of a batch of co-registered S1/S2 pairs.
 
     Args:
       rng: PRNG key.
       s1: [B, H, W, c1] normalised SAR batch; s2: [B, H, W, c2] normalised optical batch (same B;
         H, W may differ between modalities: the crop box is shared in relative coordinates).
       cfg: AugmentConfig (static).
+      num_views: V >= 1 (static).
 
     Returns:
-      dict s1_a, s1_b [B, out, out, c1] and s2_a, s2_b [B, out, out, c2], input dtypes. With
-      `cfg.share_spatial`, s1_a and s2_a share one crop/flip/rotation per sample (likewise b);
+      (s1 views [V, B, out, out, c1], s2 views [V, B, out, out, c2]) in the input dtypes. With
+      `cfg.share_spatial`, the S1 and S2 of one view share one crop/flip/rotation per sample;
       every sample and view draws its own transform.
     """
     _check_image(s1, "s1")
     _check_image(s2, "s2")
     if s1.shape[0] != s2.shape[0]:
         raise ValueError(f"batch sizes differ: s1 {s1.shape}, s2 {s2.shape}")
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1, got {num_views}")
     d1, d2 = _out_dtype(s1.dtype), _out_dtype(s2.dtype)
     s1c = s1.astype(_compute_dtype(s1.dtype))
     s2c = s2.astype(_compute_dtype(s2.dtype))
     n, c1, c2 = s1.shape[0], s1.shape[-1], s2.shape[-1]
-    u, noise = _draw(rng, cfg, (2, n), _num_uniforms(cfg, c2, pair=True), c1,
+    u, noise = _draw(rng, cfg, (num_views, n), _num_uniforms(cfg, c2, pair=True), c1,
                      _batch_axis_spec(s2))
 
     def per_sample(u_, n_, a, b):
@@ -370,8 +373,17 @@ def two_views(
     # vmap over views (inputs shared), then over samples.
     f = jax.vmap(jax.vmap(per_sample), in_axes=(0, 0, None, None))
     y1, y2 = f(u, noise, s1c, s2c)
-    return dict(s1_a=y1[0].astype(d1), s1_b=y1[1].astype(d1), s2_a=y2[0].astype(d2),
-                s2_b=y2[1].astype(d2))
+    return y1.astype(d1), y2.astype(d2)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def two_views(
+    rng: jax.Array, s1: jax.Array, s2: jax.Array, cfg: AugmentConfig
+) -> dict[str, jax.Array]:
+    """`paired_views` with two views, as a dict s1_a, s1_b [B, out, out, c1], s2_a, s2_b
+    [B, out, out, c2] (the SimCLR pair)."""
+    y1, y2 = paired_views(rng, s1, s2, cfg, 2)
+    return dict(s1_a=y1[0], s1_b=y1[1], s2_a=y2[0], s2_b=y2[1])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "modality"))

@@ -88,6 +88,9 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.loss.t_sup = 0.1
     c.loss.mulsupcon_weighting = "mean"
     c.loss.block_size = 0                # > 0: blockwise losses, O(batch * block) memory
+    # Views the inter-modal term reads: "shared" (views a and b: two forward passes per sample)
+    # or "third" (a separate third view: three passes, as IaI-SimCLR published).
+    c.loss.inter_view = "shared"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"           # or "sgd" (with momentum) or "lars"
@@ -239,6 +242,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
     _choice("optimizer.name", config.optimizer.name, ("adamw", "sgd", "lars"))
     _choice("loss.mulsupcon_weighting", config.loss.mulsupcon_weighting, ("mean", "per_sample"))
+    _choice("loss.inter_view", config.loss.inter_view, ("shared", "third"))
+    if config.loss.inter_view == "third" and "inter" not in terms:
+        _fail("loss.inter_view", f"'third' feeds the inter-modal term, which objective "
+              f"{objective} does not have; use 'shared'")
     from mosaic_jax.models import ENCODER_NAMES
 
     for key in ("model.s1_encoder", "model.s2_encoder", "model.encoder"):

@@ -14,7 +14,10 @@ the definitions here are our reading of it (see README):
   (MulSupCon on the fused projection only), ``supervised`` (BCE only).
 
 A term maps the model outputs of the two views to a scalar. Outputs are the dicts of
-`TwoTower` (keys ``intra_s1`` ... ``logits``) or `SingleTower` (``z``, ``logits``).
+`TwoTower` (keys ``intra_s1`` ... ``logits``) or `SingleTower` (``z``, ``logits``). The
+inter-modal term reads the S1 and S2 projections of the same view: by default of views a and b
+(averaged), or of a separate third view (config ``loss.inter_view = 'third'``: IaI-SimCLR's
+published step, three forward passes per sample).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def terms_of(objective: str) -> tuple[str, ...]:
     return OBJECTIVES[objective]
 
 
-def _term_fns(hp: Mapping[str, Any], axis_name) -> dict[str, Callable[..., jax.Array]]:
+def _term_fns(hp: Mapping[str, Any], axis_name, out_inter: Outputs | None
+              ) -> dict[str, Callable[..., jax.Array]]:
     """The term functions (a, b, labels, label_mask) -> scalar for the hyper-parameters `hp`."""
     t_intra, t_inter, t_sup = hp["t_intra"], hp["t_inter"], hp["t_sup"]
     kw = dict(axis_name=axis_name, block_size=hp.get("block_size"))
@@ -76,12 +80,17 @@ def _term_fns(hp: Mapping[str, Any], axis_name) -> dict[str, Callable[..., jax.A
         return 0.5 * (losses.multilabel_bce(a["logits"], y, label_mask=m, axis_name=axis_name)
                       + losses.multilabel_bce(b["logits"], y, label_mask=m, axis_name=axis_name))
 
+    def inter(a, b, y, m):
+        if out_inter is not None:
+            return ntx(out_inter["inter_s1"], out_inter["inter_s2"], t_inter)
+        # S1 and S2 of one view are co-registered: each view gives one inter-modal term.
+        return 0.5 * (ntx(a["inter_s1"], a["inter_s2"], t_inter)
+                      + ntx(b["inter_s1"], b["inter_s2"], t_inter))
+
     return {
         "intra_s1": lambda a, b, y, m: ntx(a["intra_s1"], b["intra_s1"], t_intra),
         "intra_s2": lambda a, b, y, m: ntx(a["intra_s2"], b["intra_s2"], t_intra),
-        # S1 and S2 of one view are co-registered: each view gives one inter-modal term.
-        "inter": lambda a, b, y, m: 0.5 * (ntx(a["inter_s1"], a["inter_s2"], t_inter)
-                                           + ntx(b["inter_s1"], b["inter_s2"], t_inter)),
+        "inter": inter,
         "sup_intra_s1": lambda a, b, y, m: msc(a["intra_s1"], b["intra_s1"], y, m, t_sup),
         "sup_intra_s2": lambda a, b, y, m: msc(a["intra_s2"], b["intra_s2"], y, m, t_sup),
         "mulsupcon": lambda a, b, y, m: msc(a["z_fused"], b["z_fused"], y, m, t_sup),
@@ -100,6 +109,7 @@ def compute_objective(
     hp: Mapping[str, Any],
     *,
     axis_name=None,
+    out_inter: Outputs | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of the objective's terms over the two views.
 
@@ -110,11 +120,13 @@ def compute_objective(
       hp: hyper-parameters: ``weights`` (term -> weight; missing terms weigh 1), ``t_intra``,
         ``t_inter``, ``t_sup`` (temperatures), ``mulsupcon_weighting``, optional ``block_size``.
       axis_name: mapped batch axis (the losses then cover the global batch).
+      out_inter: outputs of a third view of the same samples; when given, the ``inter`` term
+        reads it alone instead of averaging over views a and b.
 
     Returns:
       (total loss, {term: unweighted value}), float32 scalars equal on every device.
     """
-    fns = _term_fns(hp, axis_name)
+    fns = _term_fns(hp, axis_name, out_inter)
     weights = hp.get("weights", {})
     terms = {name: fns[name](out_a, out_b, labels, label_mask) for name in terms_of(objective)}
     total = sum(float(weights.get(name, 1.0)) * value for name, value in terms.items())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,7 +31,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mosaic_jax import augment, objectives
+from mosaic_jax import atomic_files, augment, objectives
 from mosaic_jax.models import SingleTower, TwoTower
 
 DATA_AXIS = "data"
@@ -234,6 +233,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     aug = augment_config(config)
     schedule = learning_rate_schedule(config)
     sync_bn = config.model.sync_bn
+    num_views = 3 if config.loss.inter_view == "third" else 2
 
     def per_device(state: TrainState, batch: Batch):
         step_rng = jax.random.fold_in(state.rng, state.step)
@@ -242,12 +242,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         # One key per global sample index: the views do not depend on the device count.
         first = jax.lax.axis_index(DATA_AXIS) * n
         keys = jax.vmap(jax.random.fold_in, (None, 0))(aug_rng, first + jnp.arange(n))
-        views = jax.vmap(lambda k, a, b: jax.tree.map(
-            lambda v: v[0], augment.two_views(k, a[None], b[None], aug)))(
-                keys, batch["s1"], batch["s2"])
+        v1, v2 = jax.vmap(lambda k, a, b: jax.tree.map(
+            lambda v: v[:, 0], augment.paired_views(k, a[None], b[None], aug, num_views)),
+            out_axes=1)(keys, batch["s1"], batch["s2"])
         drop_rng = jax.random.fold_in(drop_rng, jax.lax.axis_index(DATA_AXIS))
-        s1 = jnp.concatenate([views["s1_a"], views["s1_b"]])
-        s2 = jnp.concatenate([views["s2_a"], views["s2_b"]])
+        # All views in one forward pass: [V * n, ...], view-major.
+        s1 = v1.reshape(num_views * n, *v1.shape[2:])
+        s2 = v2.reshape(num_views * n, *v2.shape[2:])
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
@@ -256,11 +257,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                                              train=config.train_mode != "linear_probe",
                                              rng=drop_rng)
             batch_stats = state.batch_stats if batch_stats is None else batch_stats
-            out_a = jax.tree.map(lambda t: t[:n], out)
-            out_b = jax.tree.map(lambda t: t[n:], out)
+            per_view = [jax.tree.map(lambda t, i=i: t[i * n:(i + 1) * n], out)
+                        for i in range(num_views)]
             loss, terms = objectives.compute_objective(
-                objective, out_a, out_b, batch["labels"], batch["label_mask"], hp,
-                axis_name=DATA_AXIS)
+                objective, per_view[0], per_view[1], batch["labels"], batch["label_mask"], hp,
+                axis_name=DATA_AXIS, out_inter=per_view[2] if num_views == 3 else None)
             return loss, (terms, batch_stats)
 
         (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -314,26 +315,6 @@ TRAIN_KEYS = ("s1", "s2", "labels", "label_mask")
 # The program (the edge: data, checkpoints, logs, files)
 
 
-def _is_remote(path: str) -> bool:
-    """Whether `path` is a URL (``gs://...``), read and written through ``etils.epath``."""
-    return "://" in path
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Writes `text` so that a reader sees the old or the new file, never a partial one.
-
-    Locally through a temp file and ``os.replace``; a URL as one whole object (an object
-    store's single write is atomic).
-    """
-    if _is_remote(path):
-        epath.Path(path).write_text(text)
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def evaluate(config, state, eval_step, eval_ds, mesh, *, max_batches: int = 0):
     """Runs the eval step over one pass of `eval_ds`; returns (probs, labels, embeddings)."""
     from jax.experimental import multihost_utils
@@ -361,29 +342,22 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
     from mosaic_jax.tsne_plot import plot_tsne
 
     record = {"step": step, "split": split, **metrics}
-    _atomic_write_text(os.path.join(workdir, f"metrics_{split}.json"),
-                       json.dumps(record, indent=1))
-    _atomic_write_text(os.path.join(workdir, f"metrics_{split}.md"),
-                       f"# {split} metrics at step {step}\n\n"
-                       + format_metrics_markdown(metrics, class_names))
+    atomic_files.write_atomic(os.path.join(workdir, f"metrics_{split}.json"),
+                              json.dumps(record, indent=1))
+    atomic_files.write_atomic(os.path.join(workdir, f"metrics_{split}.md"),
+                              f"# {split} metrics at step {step}\n\n"
+                              + format_metrics_markdown(metrics, class_names))
     history, line = os.path.join(workdir, "eval_history.jsonl"), json.dumps(record) + "\n"
-    if _is_remote(history):  # objects cannot be appended to: read, then rewrite whole
+    if atomic_files.is_remote(history):  # objects cannot be appended to: read, then rewrite whole
         old = epath.Path(history)
-        _atomic_write_text(history, (old.read_text() if old.exists() else "") + line)
+        atomic_files.write_atomic(history, (old.read_text() if old.exists() else "") + line)
     else:
         with open(history, "a") as f:
             f.write(line)
     if tsne_points > 0 and len(embeddings) >= 5:
         png = os.path.join(workdir, f"tsne_{split}.png")
         title = f"embeddings, {split} split, step {step}"
-        if not _is_remote(png):
-            plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points, title=title)
-        else:  # render to a local file, then upload the finished picture in one write
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, os.path.basename(png))
-                plot_tsne(embeddings, labels, class_names, local, max_points=tsne_points,
-                          title=title)
-                epath.Path(png).write_bytes(epath.Path(local).read_bytes())
+        plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points, title=title)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -416,7 +390,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.init_from:
         config = adopt_pretrained_model(config)
         validate_config(config)
-    if not _is_remote(workdir):  # a URL (gs://bucket/runs/x) is used as given
+    if not atomic_files.is_remote(workdir):  # a URL (gs://bucket/runs/x) is used as given
         workdir = os.path.abspath(os.path.expanduser(workdir))
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
@@ -474,7 +448,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             print(f"Resuming from the checkpoint at step {start_step}.", flush=True)
 
     if is_chief:  # what export, report and embedding tools rebuild the model from
-        _atomic_write_text(os.path.join(workdir, "config.json"), config.to_json(indent=1))
+        atomic_files.write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=1))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if start_step == 0:
         writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})

@@ -198,7 +198,7 @@ def test_open_source_on_remote_data_dir(bucket):
 
 @pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
 def test_eval_outputs_accumulate(bucket, tmp_path, remote):
-    from mosaic_jax import train
+    from mosaic_jax import atomic_files, train
     from mosaic_jax.metrics import multilabel_metrics
 
     if remote:
@@ -228,7 +228,7 @@ def test_eval_outputs_accumulate(bucket, tmp_path, remote):
         "eval_history.jsonl", "metrics_validation.json", "metrics_validation.md",
         "tsne_validation.png"]
 
-    train._atomic_write_text(os.path.join(workdir, "config.json"), '{"a": 1}')
-    train._atomic_write_text(os.path.join(workdir, "config.json"), '{"a": 2}')
+    atomic_files.write_atomic(os.path.join(workdir, "config.json"), '{"a": 1}')
+    atomic_files.write_atomic(os.path.join(workdir, "config.json"), '{"a": 2}')
     assert json.load(open(os.path.join(folder, "config.json"))) == {"a": 2}
     assert "config.json" in os.listdir(folder) and len(os.listdir(folder)) == 5

@@ -85,6 +85,56 @@ def test_step_on_eight_devices_matches_one_device():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_third_view_feeds_the_inter_term_and_matches_an_independent_forward():
+    # IaI-SimCLR as published: intra terms on views a and b, the inter term on a third view.
+    from mosaic_jax import augment, losses
+
+    config = tiny(load_config("iai_simclr"))
+    assert config.loss.inter_view == "third"
+    config.model.sync_bn = False  # so that the model also applies outside the mapped step
+    n = 8
+    local = random_batch(config, n, seed=5)
+    mesh, step, state = setup(config, jax.devices()[:1])
+    before = jax.device_get(state)
+    _, metrics = step(state, train.global_batch(local, mesh, train.TRAIN_KEYS))
+
+    # The step's documented randomness: per-sample keys folded from the step's augment key.
+    aug_rng = jax.random.split(jax.random.fold_in(before.rng, 0))[0]
+    aug = train.augment_config(config)
+    views = [augment.paired_views(jax.random.fold_in(aug_rng, i), local["s1"][i:i + 1],
+                                  local["s2"][i:i + 1], aug, 3) for i in range(n)]
+    v1 = jnp.concatenate([v[0] for v in views], axis=1)  # [3, n, o, o, c1]
+    v2 = jnp.concatenate([v[1] for v in views], axis=1)
+    model = train.create_model(config)
+    out, _ = model.apply({"params": before.params, "batch_stats": before.batch_stats},
+                         v1.reshape(3 * n, *v1.shape[2:]), v2.reshape(3 * n, *v2.shape[2:]),
+                         train=True, mutable=["batch_stats"])
+    a, b, c = ({k: t[i * n:(i + 1) * n] for k, t in out.items()} for i in range(3))
+    expected = {
+        "loss_intra_s1": losses.nt_xent(a["intra_s1"], b["intra_s1"], temperature=0.5),
+        "loss_intra_s2": losses.nt_xent(a["intra_s2"], b["intra_s2"], temperature=0.5),
+        "loss_inter": losses.nt_xent(c["inter_s1"], c["inter_s2"], temperature=0.5),
+    }
+    for key, value in expected.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=2e-5, err_msg=key)
+    # Reading the inter term off views a and b instead is a different number.
+    shared = 0.5 * (losses.nt_xent(a["inter_s1"], a["inter_s2"], temperature=0.5)
+                    + losses.nt_xent(b["inter_s1"], b["inter_s2"], temperature=0.5))
+    assert abs(float(shared) - float(metrics["loss_inter"])) > 1e-4
+
+
+def test_third_view_costs_half_as_much_again():
+    flops = {}
+    for view in ("shared", "third"):
+        config = tiny(load_config("iai_simclr"))
+        config.loss.inter_view = view
+        mesh, step, state = setup(config, jax.devices()[:1])
+        batch = train.global_batch(random_batch(config, 16), mesh, train.TRAIN_KEYS)
+        cost = step.lower(state, batch).compile().cost_analysis()
+        flops[view] = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    assert 1.35 < flops["third"] / flops["shared"] < 1.55, flops
+
+
 @pytest.mark.parametrize("name, arg", [(n, "demo") for n in CONFIG_NAMES]
                          + [("supervised", "demo,convnext"), ("supervised", "demo,late")])
 def test_every_config_builds_and_its_step_compiles_ahead_of_time(name, arg):
@@ -133,11 +183,19 @@ def test_full_recipe_uses_ten_percent_of_the_training_data():
     (lambda c: setattr(c.optimizer, "name", "rmsprop"), "optimizer.name"),
     (lambda c: c.loss.weights.unlock().__setattr__("intra", 1.0), "loss.weights.intra"),
     (lambda c: setattr(c, "objective", "mosaic3"), "objective"),
+    (lambda c: setattr(c.loss, "inter_view", "fourth"), "loss.inter_view"),
 ])
 def test_invalid_config_raises_an_error_naming_the_key(change, key):
     config = load_config("mosaic1")
     change(config)
     with pytest.raises(ValueError, match=f"config key '{key}'"):
+        configuration.validate_config(config)
+
+
+def test_third_view_needs_an_inter_modal_term():
+    config = load_config("supcon")
+    config.loss.inter_view = "third"
+    with pytest.raises(ValueError, match="config key 'loss.inter_view'.*does not have"):
         configuration.validate_config(config)
 
 
