@@ -27,6 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run by path: `python launch/<this>.py`
+    sys.path.insert(0, str(REPO_ROOT))
+
+from launch.training_command import parse_override, training_command  # noqa: E402
+
 VENV_DIR = "mosaic_venv"  # on each worker, relative to the home directory
 TARBALL_NAME = "mosaic_jax_code.tar.gz"
 # Default software version per TPU generation (accelerator type prefix).
@@ -45,26 +50,6 @@ SKIP_DIRS = {".git", ".venv", "venv", "runs", "build", "__pycache__", ".pytest_c
 
 class LaunchError(Exception):
     """A step failed; the message says which and what to do."""
-
-
-def parse_override(text: str) -> str:
-    """KEY=VALUE (KEY may start with `config.`) -> `--config.KEY=VALUE`."""
-    key, sep, value = text.partition("=")
-    key = key.strip().removeprefix("--").removeprefix("config.")
-    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected KEY=VALUE with a config key such as "
-            "batch_size=512 or optimizer.learning_rate=1e-3")
-    return f"--config.{key}={value}"
-
-
-def training_command(config: str, workdir: str, data_dir: str | None,
-                     overrides: Sequence[str]) -> list[str]:
-    """argv of the multi-process training command (overrides already `--config.KEY=VALUE`)."""
-    argv = ["python", "-m", "mosaic_jax.main", f"--config={config}", f"--workdir={workdir}"]
-    if data_dir:
-        argv.append(f"--config.data.data_dir={data_dir}")
-    return [*argv, *overrides, "--multiprocess"]
 
 
 def _shared_path(value: str) -> str:
