@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -171,11 +171,9 @@ def _fields(buf: memoryview, start: int, end: int):
             raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
-def _bytes_feature(record: bytes, key: bytes) -> bytes | None:
-    """First value of bytes feature `key` of a serialized tf.train.Example, without parsing (or
-    copying) the other features; None if absent. Example{1: Features{1: map entry{1: key,
-    2: Feature{1: BytesList{1: value}}}}}."""
-    buf = memoryview(record)
+def _feature_entries(buf: memoryview) -> Iterator[tuple[bytes, tuple[int, int]]]:
+    """(feature name, (start, end) of its serialized tf.train.Feature) for each feature of a
+    serialized tf.train.Example: Example{1: Features{1: map entry{1: key, 2: Feature}}}."""
     for f, s, e in _fields(buf, 0, len(buf)):
         if f != 1:
             continue
@@ -183,14 +181,23 @@ def _bytes_feature(record: bytes, key: bytes) -> bytes | None:
             if f2 != 1:
                 continue
             entry = {k: (a, b) for k, a, b in _fields(buf, s2, e2)}
-            if 1 not in entry or 2 not in entry or buf[entry[1][0]:entry[1][1]] != key:
-                continue
-            for f3, s3, e3 in _fields(buf, *entry[2]):
-                if f3 == 1:  # bytes_list
-                    for f4, s4, e4 in _fields(buf, s3, e3):
-                        if f4 == 1:
-                            return bytes(buf[s4:e4])
-            return None
+            if 1 in entry and 2 in entry:
+                yield bytes(buf[entry[1][0]:entry[1][1]]), entry[2]
+
+
+def _bytes_feature(record: bytes, key: bytes) -> bytes | None:
+    """First value of bytes feature `key` of a serialized tf.train.Example, without parsing (or
+    copying) the other features; None if absent. Feature{1: BytesList{1: value}}."""
+    buf = memoryview(record)
+    for name, span in _feature_entries(buf):
+        if name != key:
+            continue
+        for f3, s3, e3 in _fields(buf, *span):
+            if f3 == 1:  # bytes_list
+                for f4, s4, e4 in _fields(buf, s3, e3):
+                    if f4 == 1:
+                        return bytes(buf[s4:e4])
+        return None
     return None
 
 
@@ -244,23 +251,15 @@ class _RawTfdsDecoder:
         buf = memoryview(record)
         wanted = {k.encode(): k for k in self.keys}
         out: dict[str, np.ndarray] = {}
-        for f, s, e in _fields(buf, 0, len(buf)):
-            if f != 1:
+        for name, span in _feature_entries(buf):
+            key = wanted.get(name)
+            if key is None:
                 continue
-            for f2, s2, e2 in _fields(buf, s, e):
-                if f2 != 1:
-                    continue
-                entry = {k: (a, b) for k, a, b in _fields(buf, s2, e2)}
-                if 1 not in entry or 2 not in entry:
-                    continue
-                key = wanted.get(bytes(buf[entry[1][0]:entry[1][1]]))
-                if key is None:
-                    continue
-                dtype, shape = self.specs[key]
-                vals = _feature_values(buf, *entry[2], dtype)
-                if vals is None or vals.size != int(np.prod(shape)):
-                    return None
-                out[key] = vals.reshape(shape)
+            dtype, shape = self.specs[key]
+            vals = _feature_values(buf, *span, dtype)
+            if vals is None or vals.size != int(np.prod(shape)):
+                return None
+            out[key] = vals.reshape(shape)
         return out if len(out) == len(self.keys) else None
 
     def read(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:

@@ -86,26 +86,28 @@ def encoder_num_features(name: str, width_multiplier: float = 1.0) -> int:
     raise ValueError(f"unknown encoder {name!r}; valid names: {', '.join(ENCODER_NAMES)}")
 
 
-def _tower_encoder(
-    name: str,
-    *,
-    width_multiplier: float,
-    stem: str,
-    dtype: Dtype,
-    bn_axis_name: str | None,
-    bn_momentum: float,
-    drop_path_rate: float,
-) -> nn.Module:
-    """``build_encoder`` for the towers: ``drop_path_rate`` goes to ConvNeXt encoders only (so a
-    ResNet S1 tower and a ConvNeXt S2 tower can share one setting)."""
+def _tower_encoder(tower: TwoTower | SingleTower, name: str) -> nn.Module:
+    """``build_encoder(name)`` with a tower's options. ``drop_path_rate`` goes to ConvNeXt
+    encoders only, so a ResNet S1 tower and a ConvNeXt S2 tower can share one setting."""
     return build_encoder(
         name,
-        width_multiplier=width_multiplier,
-        stem=stem,
-        dtype=dtype,
-        bn_axis_name=bn_axis_name,
-        bn_momentum=bn_momentum,
-        drop_path_rate=drop_path_rate if name in CONVNEXT_NAMES else 0.0,
+        width_multiplier=tower.width_multiplier,
+        stem=tower.stem,
+        dtype=tower.dtype,
+        bn_axis_name=tower.bn_axis_name,
+        bn_momentum=tower.bn_momentum,
+        drop_path_rate=tower.drop_path_rate if name in CONVNEXT_NAMES else 0.0,
+    )
+
+
+def _tower_head(tower: TwoTower | SingleTower) -> ProjectionHead:
+    """A projection head with a tower's options."""
+    return ProjectionHead(
+        hidden_dim=tower.proj_hidden_dim,
+        out_dim=tower.proj_dim,
+        bn_axis_name=tower.bn_axis_name,
+        dtype=tower.dtype,
+        bn_momentum=tower.bn_momentum,
     )
 
 
@@ -138,33 +140,13 @@ class TwoTower(nn.Module):
     drop_path_rate: float = 0.0
 
     def setup(self) -> None:
-        def enc(name: str) -> nn.Module:
-            return _tower_encoder(
-                name,
-                width_multiplier=self.width_multiplier,
-                stem=self.stem,
-                dtype=self.dtype,
-                bn_axis_name=self.bn_axis_name,
-                bn_momentum=self.bn_momentum,
-                drop_path_rate=self.drop_path_rate,
-            )
-
-        def head() -> ProjectionHead:
-            return ProjectionHead(
-                hidden_dim=self.proj_hidden_dim,
-                out_dim=self.proj_dim,
-                bn_axis_name=self.bn_axis_name,
-                dtype=self.dtype,
-                bn_momentum=self.bn_momentum,
-            )
-
-        self.enc_s1 = enc(self.s1_encoder)
-        self.enc_s2 = enc(self.s2_encoder)
-        self.intra_s1 = head()
-        self.intra_s2 = head()
-        self.inter_s1 = head()
-        self.inter_s2 = head()
-        self.fused = head()
+        self.enc_s1 = _tower_encoder(self, self.s1_encoder)
+        self.enc_s2 = _tower_encoder(self, self.s2_encoder)
+        self.intra_s1 = _tower_head(self)
+        self.intra_s2 = _tower_head(self)
+        self.inter_s1 = _tower_head(self)
+        self.inter_s2 = _tower_head(self)
+        self.fused = _tower_head(self)
         self.classifier = nn.Dense(self.num_classes, dtype=jnp.float32)
 
     def __call__(self, s1: jnp.ndarray, s2: jnp.ndarray, train: bool) -> dict[str, jnp.ndarray]:
@@ -204,22 +186,8 @@ class SingleTower(nn.Module):
     drop_path_rate: float = 0.0
 
     def setup(self) -> None:
-        self.enc = _tower_encoder(
-            self.encoder,
-            width_multiplier=self.width_multiplier,
-            stem=self.stem,
-            dtype=self.dtype,
-            bn_axis_name=self.bn_axis_name,
-            bn_momentum=self.bn_momentum,
-            drop_path_rate=self.drop_path_rate,
-        )
-        self.proj = ProjectionHead(
-            hidden_dim=self.proj_hidden_dim,
-            out_dim=self.proj_dim,
-            bn_axis_name=self.bn_axis_name,
-            dtype=self.dtype,
-            bn_momentum=self.bn_momentum,
-        )
+        self.enc = _tower_encoder(self, self.encoder)
+        self.proj = _tower_head(self)
         self.classifier = nn.Dense(self.num_classes, dtype=jnp.float32)
 
     def __call__(self, x: jnp.ndarray, train: bool) -> dict[str, jnp.ndarray]:
