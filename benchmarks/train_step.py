@@ -3,14 +3,14 @@
 Times `mosaic_jax.train.make_train_step` on synthetic inputs already on the device, for:
 
 - `iai_120`: IaI-SimCLR (configs/iai_simclr.py: two ResNet-18 towers with the iai stem, S1 2 and
-  S2 10 channels), batch 256, 120 px;
+  S2 10 channels, three views per sample in one batched forward pass), batch 256, 120 px;
 - `iai_256`: the same at 256 px;
 - `mosaic1_r50_120`: MoSAiC-1 (configs/mosaic1.py) with two ResNet-50 towers, batch 256, 120 px.
 
 Reports samples/s, TFLOP/s from XLA's cost analysis of the compiled step and, for the IaI
 workloads, from the REFERENCE.md per-sample figure (74.1 GFLOP at 120 px, 326 GFLOP at 256 px:
-the peer's step, which runs 3 passes of both encoders per sample where this step runs 2 views),
-and the fraction of the device's bf16 matrix peak where the device is known.
+the peer's step, 3 passes of both encoders per sample like this one), and the fraction of the
+device's bf16 matrix peak where the device is known.
 
 `--anchor PATH` also runs the `run()` function of the plain Flax measuring stick at PATH
 (imported by path at run time) on the same batch, image and dtype, for the ratio.
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(records), flush=True)
     if any(r.get("reference_gflop_per_sample") for r in records):
         print("REF figure: REFERENCE.md GFLOP/sample of the peer's step (3 passes of both "
-              "encoders per sample; this step runs 2 views) x samples/s.")
+              "encoders per sample, as here) x samples/s.")
     path = write_json(args.output, {
         "benchmark": "train_step", "quick": args.quick,
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
