@@ -423,6 +423,40 @@ def test_single_tower_resnet50_export(tmp_path):
     np.testing.assert_allclose(logits, ref["logits"], rtol=1e-4, atol=1e-4)
 
 
+def test_convnext_export_has_the_embedder_and_params_but_no_torchvision_files(tmp_path):
+    """ConvNeXt-V2 (no torchvision counterpart): msgpack, model.json and the jax.export
+    embedder, which gives the model's outputs; no safetensors and no encoder entries."""
+    import importlib
+
+    from flax import serialization
+
+    config = importlib.import_module("configs.supervised").get_config("demo,convnext")
+    config.augment.out_size = 32
+    config.model.width_multiplier = 1 / 32
+    config.model.proj_hidden_dim = 16
+    config.model.proj_dim = 8
+    workdir = _untrained_workdir(tmp_path / "convnext", config)
+    out = str(tmp_path / "export")
+    info = export.export_workdir(workdir, out, platforms=("cpu",))
+    assert sorted(os.listdir(out)) == sorted(
+        ["config.json", "model.json", "params.msgpack", "embedder.jax_export"])
+    assert info["encoders"] == {}
+    assert info["model"]["encoder"] == "convnextv2_base"
+
+    run = checkpoint_io.restore_variables(workdir)
+    s1, s2 = _inputs(info, 3, seed=12)
+    ref = _model_outputs(run, s1, s2)
+    got = export.load_embedder(out)(s1, s2)
+    assert np.std(ref["h"]) > 1e-4
+    np.testing.assert_allclose(got["embedding"], ref["h"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["probs"], jax.nn.sigmoid(ref["logits"]), rtol=1e-5, atol=1e-6)
+    with open(os.path.join(out, "params.msgpack"), "rb") as f:
+        params = serialization.msgpack_restore(f.read())["params"]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(run.variables["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_restore_reads_everything_when_orbax_has_no_partial_restore(workdir, restored,
                                                                     monkeypatch):
     import orbax.checkpoint as ocp
