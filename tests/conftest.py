@@ -1,12 +1,18 @@
-"""Test setup: 8 forced CPU devices for the sharding tests (set before jax is imported), and a
-per-session persistent compilation cache so that identical programs compile once."""
+"""Test setup: 8 forced CPU devices for the sharding tests (set before jax is imported), cheap
+XLA CPU compilation, and a per-session persistent compilation cache so that identical programs
+compile once."""
 
 import os
 import tempfile
 
+# XLA's CPU backend spends most of these tests' time in LLVM (the initialisers' threefry
+# especially); tests check values, not speed, so they compile with its cheap settings.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -20,25 +20,21 @@ MACHINE_KEYS = ("platform", "cpu_model", "usable_cores", "memory_gib", "jax_vers
                 "device_kind", "backend")
 
 
-# XLA's CPU compiler spends most of the quick train step's time optimising code that runs for
-# milliseconds; the test checks what the script reports, not its speed.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-def _env(extra_flags: str = "") -> dict[str, str]:
-    """The test environment on one CPU device (conftest forces 8 for the sharding tests)."""
+def _env() -> dict[str, str]:
+    """The test environment on one CPU device (conftest forces 8 for the sharding tests), with
+    conftest's cheap compile settings."""
     env = dict(os.environ)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} {extra_flags}".strip()
+    env["XLA_FLAGS"] = flags.strip()
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
 
-def _run(script: str, *args: str, flags: str = "", timeout: float = 300
+def _run(script: str, *args: str, timeout: float = 300
          ) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=_env(flags))
+                          env=_env())
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -86,7 +82,7 @@ def test_loss_memory_quick(tmp_path: Path):
 
 def test_train_step_quick(tmp_path: Path):
     out = tmp_path / "train_step.json"
-    proc = _run("train_step.py", "--quick", "--output", str(out), flags=FAST_COMPILE)
+    proc = _run("train_step.py", "--quick", "--output", str(out))
     text = proc.stdout
     assert "| workload " in text and "samples/s" in text and "TFLOP/s (XLA)" in text
     assert re.search(r"^\| iai_120 .*\| n/a ", text, re.M), text

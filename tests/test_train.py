@@ -1,5 +1,6 @@
 """The training program: train step, device-count invariance, resume, configs, errors."""
 
+import functools
 import importlib
 import json
 import os
@@ -106,9 +107,9 @@ def test_third_view_feeds_the_inter_term_and_matches_an_independent_forward():
     v1 = jnp.concatenate([v[0] for v in views], axis=1)  # [3, n, o, o, c1]
     v2 = jnp.concatenate([v[1] for v in views], axis=1)
     model = train.create_model(config)
-    out, _ = model.apply({"params": before.params, "batch_stats": before.batch_stats},
-                         v1.reshape(3 * n, *v1.shape[2:]), v2.reshape(3 * n, *v2.shape[2:]),
-                         train=True, mutable=["batch_stats"])
+    out, _ = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+        {"params": before.params, "batch_stats": before.batch_stats},
+        v1.reshape(3 * n, *v1.shape[2:]), v2.reshape(3 * n, *v2.shape[2:]))
     a, b, c = ({k: t[i * n:(i + 1) * n] for k, t in out.items()} for i in range(3))
     expected = {
         "loss_intra_s1": losses.nt_xent(a["intra_s1"], b["intra_s1"], temperature=0.5),
@@ -128,21 +129,14 @@ def test_third_view_costs_half_as_much_again():
     for view in ("shared", "third"):
         config = tiny(load_config("iai_simclr"))
         config.loss.inter_view = view
-        mesh, step, state = setup(config, jax.devices()[:1])
-        batch = train.global_batch(random_batch(config, 16), mesh, train.TRAIN_KEYS)
-        cost = step.lower(state, batch).compile().cost_analysis()
+        cost = _compile_step(config, jax.devices()[:1], lower_only=True).cost_analysis()
         flops[view] = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
     assert 1.35 < flops["third"] / flops["shared"] < 1.55, flops
 
 
-@pytest.mark.parametrize("name, arg", [(n, "demo") for n in CONFIG_NAMES]
-                         + [("supervised", "demo,convnext"), ("supervised", "demo,late")])
-def test_every_config_builds_and_its_step_compiles_ahead_of_time(name, arg):
-    config = tiny(load_config(name, arg))
-    if config.train_mode == "linear_probe":
-        config.init_from = "a pretraining workdir (not read here)"
-    configuration.validate_config(config)
-    mesh = train.make_mesh()
+def _compile_step(config, devices=None, lower_only=False):
+    """The train step compiled ahead of time (or only lowered) for abstract state and batch."""
+    mesh = train.make_mesh(devices)
     model = train.create_model(config)
     tx = train.create_optimizer(config)
     state = jax.eval_shape(lambda: train.init_state(config, model, tx))
@@ -157,8 +151,24 @@ def test_every_config_builds_and_its_step_compiles_ahead_of_time(name, arg):
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                          state)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data) for k, v in batch.items()}
-    compiled = train.make_train_step(config, model, tx, mesh).lower(state, batch).compile()
-    assert compiled is not None
+    lowered = train.make_train_step(config, model, tx, mesh).lower(state, batch)
+    return lowered if lower_only else lowered.compile()
+
+
+@pytest.mark.parametrize("name, arg", [(n, "demo") for n in CONFIG_NAMES]
+                         + [("supervised", "demo,convnext"), ("supervised", "demo,late")])
+def test_every_config_builds_and_its_step_compiles_ahead_of_time(name, arg):
+    config = tiny(load_config(name, arg))
+    if config.train_mode == "linear_probe":
+        config.init_from = "a pretraining workdir (not read here)"
+    configuration.validate_config(config)
+    compiled = _compile_step(config)
+    _, metrics = compiled.out_info
+    from mosaic_jax import objectives
+
+    terms = objectives.terms_of(config.objective)
+    assert {f"loss_{t}" for t in terms} | {"loss", "grad_norm"} <= set(metrics)
+    assert all(m.shape == () for m in metrics.values())
 
 
 # ----------------------------------------------------------------------------------------------
