@@ -1,5 +1,6 @@
 """Shared helpers of the loss and train-step benchmarks: machine description, JSON output,
-peak process memory. Imports only the standard library (jax is imported when asked for)."""
+peak process memory. Imports only the standard library (jax, and mosaic_jax.atomic_files for
+write_json, when asked for)."""
 
 from __future__ import annotations
 
@@ -104,12 +105,10 @@ def peak_rss_bytes() -> int:
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """Writes `payload` as indented JSON, creating the folder; atomic on POSIX."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    from mosaic_jax import atomic_files
+
+    atomic_files.write_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
+    return Path(path)
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:

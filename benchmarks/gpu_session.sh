@@ -33,5 +33,7 @@ np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-7)
 print("blockwise nt_xent equals plain on", jax.devices()[0].device_kind, float(v0))
 PY
 # Then throughput: all three workloads, the anchor on the IaI ones, bf16 (the default there).
+# --profile: the top ops of each workload come back in the JSON (traces under $OUT_DIR/profile).
 timeout 480 python3 benchmarks/train_step.py --anchor "$ANCHOR" --steps 10 \
-  --output "$OUT_DIR/train_step_gpu.json" 2>&1 | tee "$OUT_DIR/train_step_gpu.log"
+  --profile "$OUT_DIR/profile" --output "$OUT_DIR/train_step_gpu.json" 2>&1 \
+  | tee "$OUT_DIR/train_step_gpu.log"

@@ -14,9 +14,12 @@ device's bf16 matrix peak where the device is known.
 
 `--anchor PATH` also runs the `run()` function of the plain Flax measuring stick at PATH
 (imported by path at run time) on the same batch, image and dtype, for the ratio.
+`--profile DIR` traces a few more steps of each workload and reports its top ops by device time
+(`benchmarks/trace_summary.py`), so that one GPU call also brings back where the time goes.
 
 Usage: python benchmarks/train_step.py [--quick] [--workloads ...] [--dtype bfloat16|float32]
-       [--batch B] [--image PX] [--steps N] [--anchor PATH] [--compile-only] [--output PATH]
+       [--batch B] [--image PX] [--steps N] [--anchor PATH] [--compile-only]
+       [--profile DIR [--profile-steps N]] [--output PATH]
 Imports jax, flax, optax, numpy and the project's core modules only (mosaic_jax.train imports
 ml_collections for its config type).
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -183,6 +187,19 @@ def bench_workload(name: str, args: argparse.Namespace, peak: float | None) -> d
         record["device_peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
     except Exception:  # noqa: BLE001 - CPU devices may not report
         record["device_peak_bytes_in_use"] = None
+    if args.profile:
+        from benchmarks import trace_summary
+
+        log_dir = os.path.join(args.profile, name)
+        holder = [state]
+
+        def one_step():
+            holder[0], m = compiled(holder[0], batch_arrays)
+            jax.block_until_ready(m)
+
+        trace_summary.profile(one_step, args.profile_steps, log_dir)
+        record["profile"] = {"trace_dir": log_dir, "steps": args.profile_steps,
+                             **trace_summary.summarise(log_dir, args.profile_steps)}
     return record
 
 
@@ -244,6 +261,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps (20; --quick: 2)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps after compilation (3; --quick: 1)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace a few steps of each workload into DIR/<workload> and report "
+                   "the top ops by device time (benchmarks/trace_summary.py)")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps traced with --profile")
     p.add_argument("--compile-only", action="store_true",
                    help="compile and report XLA FLOPs without running")
     p.add_argument("--anchor", default=None,
@@ -276,7 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {describe_machine(machine)}", flush=True)
     print(f"bf16 peak of {machine['device_kind']}: "
           f"{'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}", flush=True)
-    records = []
+    records: list[dict[str, Any]] = []
+
+    def save(finished: bool) -> Path:
+        # After every workload, so that a run cut short by a time limit keeps what it measured.
+        return write_json(args.output, {
+            "benchmark": "train_step", "quick": args.quick,
+            "settings": {k: v for k, v in vars(args).items() if k != "output"},
+            "machine": machine, "bf16_peak_tflops": peak / 1e12 if peak else None,
+            "results": records,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z") if finished else None})
+
     for name in args.workloads:
         print(f"  running {name} ...", flush=True)
         try:
@@ -294,15 +325,21 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # noqa: BLE001
                     record["anchor"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         records.append(record)
+        print(report(records[-1:]), flush=True)
+        save(finished=False)
     print(report(records), flush=True)
+    for r in records:
+        if r.get("profile"):
+            prof = r["profile"]
+            print(f"\n{r['workload']}: top ops, {prof['source']}, "
+                  f"{prof['busy_ms_per_step']:.1f} ms busy per step")
+            print(format_table(["op", "ms/step", "share"],
+                               [[o["name"][:80], f"{o['ms_per_step']:.2f}",
+                                 f"{100 * o['share']:.1f}%"] for o in prof["top_ops"]]))
     if any(r.get("reference_gflop_per_sample") for r in records):
         print("REF figure: REFERENCE.md GFLOP/sample of the peer's step (3 passes of both "
               "encoders per sample, as here) x samples/s.")
-    path = write_json(args.output, {
-        "benchmark": "train_step", "quick": args.quick,
-        "settings": {k: v for k, v in vars(args).items() if k != "output"},
-        "machine": machine, "bf16_peak_tflops": peak / 1e12 if peak else None,
-        "results": records, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    path = save(finished=True)
     print(f"wrote {path}")
     return 1 if any("error" in r or not r.get("loss_finite", True) for r in records) else 0
 

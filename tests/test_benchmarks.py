@@ -82,7 +82,8 @@ def test_loss_memory_quick(tmp_path: Path):
 
 def test_train_step_quick(tmp_path: Path):
     out = tmp_path / "train_step.json"
-    proc = _run("train_step.py", "--quick", "--output", str(out))
+    proc = _run("train_step.py", "--quick", "--output", str(out), "--profile",
+                str(tmp_path / "profile"), "--profile-steps", "2")
     text = proc.stdout
     assert "| workload " in text and "samples/s" in text and "TFLOP/s (XLA)" in text
     assert re.search(r"^\| iai_120 .*\| n/a ", text, re.M), text
@@ -99,6 +100,52 @@ def test_train_step_quick(tmp_path: Path):
     assert len(r["step_times_s"]) == r["steps"] == 2
     assert r["gflop_per_sample_xla"] > 0 and r["tflops_xla"] > 0
     assert r["fraction_of_bf16_peak_xla"] is None
+    prof = r["profile"]
+    assert prof["steps"] == 2 and prof["source"].startswith("host")
+    assert prof["top_ops"] and prof["busy_ms_per_step"] > 0
+    assert "iai_120: top ops" in text
+
+
+def _trace(path: Path, events: list) -> None:
+    import gzip
+
+    folder = path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def test_trace_summary_reads_the_device_op_line_only(tmp_path: Path):
+    from benchmarks import trace_summary
+
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 1, "args": {"name": "XLA Modules"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 2, "args": {"name": "XLA Ops"}},
+    ]
+    ops = [  # two steps; times in microseconds
+        {"ph": "X", "pid": 2, "tid": 2, "name": "convolution.1", "dur": 3000.0},
+        {"ph": "X", "pid": 2, "tid": 2, "name": "fusion.7", "dur": 1000.0},
+        {"ph": "X", "pid": 2, "tid": 2, "name": "convolution.1", "dur": 3000.0},
+        {"ph": "X", "pid": 2, "tid": 2, "name": "fusion.7", "dur": 1000.0},
+        {"ph": "X", "pid": 2, "tid": 1, "name": "jit_step", "dur": 8000.0},  # the module again
+        {"ph": "X", "pid": 1, "tid": 9, "name": "PjitFunction(step)", "dur": 9000.0},
+    ]
+    _trace(tmp_path, meta + ops)
+    got = trace_summary.summarise(str(tmp_path), steps=2)
+    assert got["source"] == "device XLA Ops"
+    assert got["busy_ms_per_step"] == pytest.approx(4.0)
+    assert [(o["name"], o["ms_per_step"], o["share"]) for o in got["top_ops"]] == [
+        ("convolution.1", pytest.approx(3.0), pytest.approx(0.75)),
+        ("fusion.7", pytest.approx(1.0), pytest.approx(0.25))]
+
+
+def test_trace_summary_names_a_folder_without_trace(tmp_path: Path):
+    from benchmarks import trace_summary
+
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        trace_summary.summarise(str(tmp_path), steps=1)
 
 
 def test_anchor_is_imported_by_path(tmp_path: Path):
