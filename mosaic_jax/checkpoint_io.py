@@ -88,7 +88,8 @@ def latest_step(workdir: str | os.PathLike[str]) -> int:
 
 
 def load_config(workdir: str | os.PathLike[str]) -> Any:
-    """The run's config (``config.json`` rebuilt as an ``ml_collections.ConfigDict``)."""
+    """The run's config (``config.json`` rebuilt as an ``ml_collections.ConfigDict``); keys
+    that the run's version did not have yet take today's defaults."""
     import ml_collections
 
     path = epath.Path(_abs(workdir)) / CONFIG_FILE
@@ -96,7 +97,23 @@ def load_config(workdir: str | os.PathLike[str]) -> Any:
         raise FileNotFoundError(
             f"workdir {_abs(workdir)!r} has no {CONFIG_FILE} (is it a mosaic_jax training "
             "workdir?)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    # Keys added to the config since the run was written take their defaults.
+    from mosaic_jax import configuration
+
+    defaults = configuration.base_config(saved.get("objective", "mosaic1")).to_dict()
+    return ml_collections.ConfigDict(_merged(defaults, saved))
+
+
+def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """`saved` over `defaults`, recursively (nested dicts merged, other values replaced)."""
+    out = dict(defaults)
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def restore_variables(workdir: str | os.PathLike[str], step: int | None = None) -> RestoredRun:

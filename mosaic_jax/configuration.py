@@ -78,6 +78,7 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.model.sync_bn = True
     c.model.bn_momentum = 0.9
     c.model.drop_path_rate = 0.0
+    c.model.remat = False                # recompute encoder blocks in backward: less memory
     c.model.dtype = "float32"            # compute dtype; "bfloat16" on accelerators
 
     c.loss = ml_collections.ConfigDict()
@@ -193,6 +194,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if key not in values and not key.startswith("loss.weights."):
             _fail(key, "missing key; start config files from mosaic_jax.configuration."
                   "base_config()")
+        if isinstance(reference[key], bool) and not isinstance(values.get(key), bool):
+            _fail(key, f"must be True or False, got {values.get(key)!r}")
     terms = objectives.OBJECTIVES[objective]
     for key, weight in config.loss.weights.items():
         if key not in terms:

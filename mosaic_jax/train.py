@@ -59,7 +59,7 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
                   proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim,
                   num_classes=config.data.num_classes, dtype=jnp.dtype(m.dtype),
                   bn_axis_name=DATA_AXIS if m.sync_bn else None, bn_momentum=m.bn_momentum,
-                  drop_path_rate=m.drop_path_rate)
+                  drop_path_rate=m.drop_path_rate, remat=m.remat)
     if m.kind == "two_tower":
         return TwoTower(s1_encoder=m.s1_encoder, s2_encoder=m.s2_encoder, **common)
     return SingleTower(encoder=m.encoder, **common)

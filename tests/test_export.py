@@ -469,3 +469,16 @@ def test_restore_reads_everything_when_orbax_has_no_partial_restore(workdir, res
     for a, b in zip(jax.tree.leaves(again.variables), jax.tree.leaves(restored.variables),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_load_config_gives_keys_added_since_the_run_their_defaults(tmp_path):
+    import importlib
+
+    config = importlib.import_module("configs.iai_simclr").get_config("demo").to_dict()
+    del config["model"]["remat"], config["loss"]["inter_view"]
+    config["model"]["width_multiplier"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = checkpoint_io.load_config(tmp_path)
+    assert loaded.model.remat is False and loaded.loss.inter_view == "shared"
+    assert loaded.model.width_multiplier == 0.5 and loaded.objective == "iai_simclr"
+    assert loaded.loss.t_inter == 0.5 and loaded.data.demo is True

@@ -194,6 +194,7 @@ def test_full_recipe_uses_ten_percent_of_the_training_data():
     (lambda c: c.loss.weights.unlock().__setattr__("intra", 1.0), "loss.weights.intra"),
     (lambda c: setattr(c, "objective", "mosaic3"), "objective"),
     (lambda c: setattr(c.loss, "inter_view", "fourth"), "loss.inter_view"),
+    (lambda c: c.model.unlock().__setattr__("remat", None), "model.remat"),
 ])
 def test_invalid_config_raises_an_error_naming_the_key(change, key):
     config = load_config("mosaic1")

@@ -111,7 +111,8 @@ class ConvNeXtV2(nn.Module):
     ``__call__(x: [B, H, W, C], train) -> [B, dims[-1]]`` float32. Computation runs in ``dtype``
     with float32 parameters; the pooling and the final LayerNorm run in float32.
     Stochastic depth rates grow linearly from 0 to ``drop_path_rate`` over the blocks (needs a
-    ``"dropout"`` rng when training with a positive rate).
+    ``"dropout"`` rng when training with a positive rate). ``remat`` recomputes each block's
+    activations in the backward pass instead of keeping them (less memory, same values).
 
     The feature map before pooling is sown as ``intermediates/feature_map``.
     """
@@ -120,6 +121,7 @@ class ConvNeXtV2(nn.Module):
     dims: tuple[int, ...] = (96, 192, 384, 768)
     dtype: Dtype = jnp.float32
     drop_path_rate: float = 0.0
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -140,6 +142,9 @@ class ConvNeXtV2(nn.Module):
         )(x)
         x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="stem_norm")(x)
 
+        block_cls = ConvNeXtV2Block
+        if self.remat:
+            block_cls = nn.remat(block_cls, static_argnums=(2,))  # (self, x, train)
         k = 0
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims, strict=True)):
             if i > 0:
@@ -154,7 +159,7 @@ class ConvNeXtV2(nn.Module):
                     name=f"downsample{i}_conv",
                 )(x)
             for j in range(depth):
-                x = ConvNeXtV2Block(dim, rates[k], self.dtype, name=f"stage{i}_{j}")(x, train)
+                x = block_cls(dim, rates[k], self.dtype, name=f"stage{i}_{j}")(x, train)
                 k += 1
 
         self.sow("intermediates", "feature_map", x)

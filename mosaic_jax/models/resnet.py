@@ -152,6 +152,9 @@ class ResNet(nn.Module):
             use inside ``jax.shard_map``/``pmap``); ``None`` = per-device statistics.
         bn_momentum: running-average decay (0.9 = torchvision momentum 0.1).
         zero_init_residual: initialise the last BN scale of each residual block to zero.
+        remat: recompute each residual block's activations in the backward pass instead of
+            keeping them (``nn.remat``): less memory for more compute; same values, same
+            parameter layout.
 
     The feature map before pooling is sown as ``intermediates/feature_map`` (only kept when the
     ``intermediates`` collection is mutable).
@@ -164,6 +167,7 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -172,6 +176,8 @@ class ResNet(nn.Module):
         if self.stem not in ("standard", "iai"):
             raise ValueError(f"ResNet stem must be 'standard' or 'iai', got {self.stem!r}")
         block_cls = Bottleneck if self.depth == 50 else BasicBlock
+        if self.remat:
+            block_cls = nn.remat(block_cls, static_argnums=(2,))  # (self, x, train)
         bn = _bn_factory(self, train)
 
         x = x.astype(self.dtype)

@@ -40,6 +40,7 @@ def build_encoder(
     bn_momentum: float = 0.9,
     zero_init_residual: bool = False,
     drop_path_rate: float = 0.0,
+    remat: bool = False,
 ) -> nn.Module:
     """Build an encoder ``(x: [B, H, W, C], train) -> [B, F]`` float32 by name.
 
@@ -49,6 +50,7 @@ def build_encoder(
     ``bn_axis_name``, ``bn_momentum`` and ``zero_init_residual`` apply to ResNets;
     ``drop_path_rate`` to ConvNeXts (which have no BatchNorm and only their patchify stem, so
     ``stem="iai"`` or ``drop_path_rate > 0`` with the other family raises ``ValueError``).
+    ``remat`` recomputes each block in the backward pass (less activation memory).
 
     Called from a parent's ``setup`` and assigned to an attribute, the module takes that name.
     """
@@ -63,6 +65,7 @@ def build_encoder(
             bn_axis_name=bn_axis_name,
             bn_momentum=bn_momentum,
             zero_init_residual=zero_init_residual,
+            remat=remat,
         )
     if name in CONVNEXT_NAMES:
         if stem != "standard":
@@ -73,6 +76,7 @@ def build_encoder(
             dims=tuple(_scale(d, width_multiplier) for d in dims),
             dtype=dtype,
             drop_path_rate=drop_path_rate,
+            remat=remat,
         )
     raise ValueError(f"unknown encoder {name!r}; valid names: {', '.join(ENCODER_NAMES)}")
 
@@ -97,6 +101,7 @@ def _tower_encoder(tower: TwoTower | SingleTower, name: str) -> nn.Module:
         bn_axis_name=tower.bn_axis_name,
         bn_momentum=tower.bn_momentum,
         drop_path_rate=tower.drop_path_rate if name in CONVNEXT_NAMES else 0.0,
+        remat=tower.remat,
     )
 
 
@@ -124,7 +129,8 @@ class TwoTower(nn.Module):
 
     Every head is evaluated on every call, so all objectives share one parameter (and
     ``batch_stats``) layout; heads an objective ignores get zero gradient.
-    ``stem`` applies to both encoders (ResNets only); ``drop_path_rate`` to ConvNeXt encoders.
+    ``stem`` applies to both encoders (ResNets only); ``drop_path_rate`` to ConvNeXt encoders;
+    ``remat`` (recompute blocks in the backward pass) to both.
     """
 
     s1_encoder: str = "resnet18"
@@ -138,6 +144,7 @@ class TwoTower(nn.Module):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     drop_path_rate: float = 0.0
+    remat: bool = False
 
     def setup(self) -> None:
         self.enc_s1 = _tower_encoder(self, self.s1_encoder)
@@ -184,6 +191,7 @@ class SingleTower(nn.Module):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     drop_path_rate: float = 0.0
+    remat: bool = False
 
     def setup(self) -> None:
         self.enc = _tower_encoder(self, self.encoder)
