@@ -18,7 +18,7 @@ device's bf16 matrix peak where the device is known.
 (`benchmarks/trace_summary.py`), so that one GPU call also brings back where the time goes.
 
 Usage: python benchmarks/train_step.py [--quick] [--workloads ...] [--dtype bfloat16|float32]
-       [--batch B] [--image PX] [--steps N] [--anchor PATH] [--compile-only]
+       [--batch B] [--image PX] [--steps N] [--anchor PATH] [--remat] [--compile-only]
        [--profile DIR [--profile-steps N]] [--output PATH]
 Imports jax, flax, optax, numpy and the project's core modules only (mosaic_jax.train imports
 ml_collections for its config type).
@@ -96,6 +96,7 @@ def build_config(name: str, args: argparse.Namespace):
     c.augment.out_size = args.image or image
     c.batch_size = args.batch or batch
     c.model.dtype = args.dtype
+    c.model.remat = args.remat
     if args.quick:
         c.model.width_multiplier = 0.125
         c.model.proj_hidden_dim = 64
@@ -138,6 +139,7 @@ def bench_workload(name: str, args: argparse.Namespace, peak: float | None) -> d
         "encoders": [config.model.s1_encoder, config.model.s2_encoder],
         "width_multiplier": config.model.width_multiplier, "image": image, "batch": batch,
         "dtype": config.model.dtype, "block_size": config.loss.block_size,
+        "remat": config.model.remat, "inter_view": config.loss.inter_view,
     }
     mesh = train.make_mesh()
     model = train.create_model(config)
@@ -238,8 +240,9 @@ def report(records: list[dict[str, Any]]) -> str:
         frac = r.get("fraction_of_bf16_peak_xla")
         anchor = r.get("anchor") or {}
         rows.append([
-            r["workload"], "+".join(r["encoders"]) + (f" x{r['width_multiplier']:g}"
-                                                      if r["width_multiplier"] != 1 else ""),
+            r["workload"], "+".join(r["encoders"])
+            + (f" x{r['width_multiplier']:g}" if r["width_multiplier"] != 1 else "")
+            + (" remat" if r.get("remat") else ""),
             r["image"], r["batch"], r["dtype"], _f(r.get("step_ms"), ".1f"),
             _f(r.get("samples_per_s"), ",.1f"), _f(r.get("gflop_per_sample_xla"), ".2f"),
             _f(r.get("tflops_xla"), ".3f"), _f(r.get("tflops_reference_figure"), ".3f"),
@@ -265,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also trace a few steps of each workload into DIR/<workload> and report "
                    "the top ops by device time (benchmarks/trace_summary.py)")
     p.add_argument("--profile-steps", type=int, default=3, help="steps traced with --profile")
+    p.add_argument("--remat", action="store_true",
+                   help="config model.remat=True: recompute encoder blocks in the backward pass")
     p.add_argument("--compile-only", action="store_true",
                    help="compile and report XLA FLOPs without running")
     p.add_argument("--anchor", default=None,

@@ -96,6 +96,7 @@ def test_train_step_quick(tmp_path: Path):
     (r,) = data["results"]
     assert r["workload"] == "iai_120" and r["encoders"] == ["resnet18", "resnet18"]
     assert (r["image"], r["batch"], r["dtype"]) == (32, 16, "float32")
+    assert r["inter_view"] == "third" and r["remat"] is False  # IaI as published: 3 views
     assert r["loss_finite"] and r["samples_per_s"] > 0 and r["step_ms"] > 0
     assert len(r["step_times_s"]) == r["steps"] == 2
     assert r["gflop_per_sample_xla"] > 0 and r["tflops_xla"] > 0
