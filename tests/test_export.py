@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from mosaic_jax import augment, bands, checkpoint_io, export, train
 
@@ -209,8 +210,8 @@ def test_loader_runs_in_a_process_with_only_jax_and_numpy(out, tmp_path):
     info = export.load_model_info(out)
     s1, s2 = _inputs(info, 2, seed=7)
     np.savez(tmp_path / "in.npz", s1=s1, s2=s2)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    env.pop("XLA_FLAGS", None)
+    # One device, and this session's compile settings (they move the last float bits).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE)
     proc = subprocess.run([sys.executable, "-c", _LOADER_SCRIPT, out, str(tmp_path / "in.npz"),
                            str(tmp_path / "out.npz")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+from conftest import FAST_COMPILE
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -17,8 +19,8 @@ def test_readme_python_examples_run(tmp_path):
             continue  # an import listing, not an example
         script = tmp_path / f"example_{i}.py"
         script.write_text(code)
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                   JAX_PLATFORMS="cpu")
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
         result = subprocess.run([sys.executable, str(script)], env=env, cwd=README.parent,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
