@@ -384,21 +384,27 @@ def _untrained_workdir(path, config):
     return str(path)
 
 
+def _export_untrained_supervised(tmp_path, arg, width):
+    """configs/supervised.py:`arg` at 32 px and `width`, initialised, saved and exported:
+    (workdir, export folder, model info)."""
+    import importlib
+
+    config = importlib.import_module("configs.supervised").get_config(arg)
+    config.augment.out_size = 32
+    config.model.width_multiplier = width
+    config.model.proj_hidden_dim = 16
+    config.model.proj_dim = 8
+    workdir = _untrained_workdir(tmp_path / "run", config)
+    out = str(tmp_path / "export")
+    return workdir, out, export.export_workdir(workdir, out, platforms=("cpu",))
+
+
 def test_single_tower_resnet50_export(tmp_path):
     """Early fusion (S1 + S2 channels) into a ResNet-50 with the standard stem: the embedder,
     and encoder.safetensors with fc, against the model and the NumPy torchvision reference."""
-    import importlib
-
     import safetensors.numpy
 
-    config = importlib.import_module("configs.supervised").get_config("demo")
-    config.augment.out_size = 32
-    config.model.width_multiplier = 1 / 16
-    config.model.proj_hidden_dim = 16
-    config.model.proj_dim = 8
-    workdir = _untrained_workdir(tmp_path / "single", config)
-    out = str(tmp_path / "export")
-    info = export.export_workdir(workdir, out, platforms=("cpu",))
+    workdir, out, info = _export_untrained_supervised(tmp_path, "demo", 1 / 16)
     assert sorted(os.listdir(out)) == sorted(
         ["config.json", "model.json", "params.msgpack", "embedder.jax_export",
          "encoder.safetensors"])
@@ -427,18 +433,9 @@ def test_single_tower_resnet50_export(tmp_path):
 def test_convnext_export_has_the_embedder_and_params_but_no_torchvision_files(tmp_path):
     """ConvNeXt-V2 (no torchvision counterpart): msgpack, model.json and the jax.export
     embedder, which gives the model's outputs; no safetensors and no encoder entries."""
-    import importlib
-
     from flax import serialization
 
-    config = importlib.import_module("configs.supervised").get_config("demo,convnext")
-    config.augment.out_size = 32
-    config.model.width_multiplier = 1 / 32
-    config.model.proj_hidden_dim = 16
-    config.model.proj_dim = 8
-    workdir = _untrained_workdir(tmp_path / "convnext", config)
-    out = str(tmp_path / "export")
-    info = export.export_workdir(workdir, out, platforms=("cpu",))
+    workdir, out, info = _export_untrained_supervised(tmp_path, "demo,convnext", 1 / 32)
     assert sorted(os.listdir(out)) == sorted(
         ["config.json", "model.json", "params.msgpack", "embedder.jax_export"])
     assert info["encoders"] == {}
