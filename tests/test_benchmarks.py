@@ -20,21 +20,49 @@ MACHINE_KEYS = ("platform", "cpu_model", "usable_cores", "memory_gib", "jax_vers
                 "device_kind", "backend")
 
 
-def _env() -> dict[str, str]:
+# The GPU machine's image has jax, flax, optax, numpy, etils, absl and PyYAML, but not these
+# (ml_collections travels as a wheel): the train-step benchmark must run without them.
+NOT_ON_GPU_IMAGE = ("grain", "tensorflow_datasets", "tensorflow", "clu", "array_record")
+HIDE_PACKAGES = f"""\
+import sys
+
+class _Hide:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {NOT_ON_GPU_IMAGE!r}:
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def invalidate_caches(self):
+        getattr(self.finder, "invalidate_caches", lambda: None)()
+
+sys.meta_path[:] = [_Hide(f) for f in sys.meta_path]
+"""
+
+
+def _env(hide_dir: Path | None = None) -> dict[str, str]:
     """The test environment on one CPU device (conftest forces 8 for the sharding tests), with
-    conftest's cheap compile settings."""
+    conftest's cheap compile settings; with `hide_dir`, a sitecustomize there hides the
+    packages the GPU image lacks."""
     env = dict(os.environ)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = flags.strip()
     env["JAX_PLATFORMS"] = "cpu"
+    if hide_dir is not None:
+        hide_dir.mkdir(parents=True, exist_ok=True)
+        (hide_dir / "sitecustomize.py").write_text(HIDE_PACKAGES)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hide_dir),
+                                                          env.get("PYTHONPATH")]))
     return env
 
 
-def _run(script: str, *args: str, timeout: float = 300
+def _run(script: str, *args: str, timeout: float = 300, hide_dir: Path | None = None
          ) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=_env())
+                          env=_env(hide_dir))
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -82,8 +110,10 @@ def test_loss_memory_quick(tmp_path: Path):
 
 def test_train_step_quick(tmp_path: Path):
     out = tmp_path / "train_step.json"
+    # As on the GPU machine: without grain, TFDS, TensorFlow, clu.
     proc = _run("train_step.py", "--quick", "--output", str(out), "--profile",
-                str(tmp_path / "profile"), "--profile-steps", "2")
+                str(tmp_path / "profile"), "--profile-steps", "2",
+                hide_dir=tmp_path / "gpu_image")
     text = proc.stdout
     assert "| workload " in text and "samples/s" in text and "TFLOP/s (XLA)" in text
     assert re.search(r"^\| iai_120 .*\| n/a ", text, re.M), text
