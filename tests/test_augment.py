@@ -72,6 +72,22 @@ def test_two_views_under_vmap_and_deterministic():
     assert not np.allclose(out["s2_a"][0], out["s2_a"][1])
 
 
+def test_paired_views_three_views_and_the_two_view_case():
+    cfg = A.AugmentConfig(out_size=8)
+    s1, s2 = (jnp.asarray(x) for x in coord_images(2, H, H))
+    k = jax.random.key(4)
+    v1, v2 = A.paired_views(k, s1, s2, cfg, 3)
+    assert v1.shape == (3, 2, 8, 8, 2) and v2.shape == (3, 2, 8, 8, 5)
+    for i, j in itertools.combinations(range(3), 2):  # three independent transforms
+        assert not np.allclose(v2[i], v2[j]), (i, j)
+    two = A.two_views(k, s1, s2, cfg)  # the SimCLR pair is paired_views with V = 2
+    w1, w2 = A.paired_views(k, s1, s2, cfg, 2)
+    np.testing.assert_array_equal(two["s1_a"], w1[0])
+    np.testing.assert_array_equal(two["s2_b"], w2[1])
+    with pytest.raises(ValueError, match="num_views must be >= 1"):
+        A.paired_views(k, s1, s2, cfg, 0)
+
+
 def test_shared_spatial_keeps_s1_s2_coregistered_and_views_differ():
     cfg = A.AugmentConfig(out_size=10, **NOPHOTO)
     s1, s2 = coord_images(8, H, H)
