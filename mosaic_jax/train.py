@@ -360,6 +360,19 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
         plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points, title=title)
 
 
+def linear_probe_hint(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """For an objective that does not train the classifier, the command that measures its
+    encoders (a linear probe on the same data); None otherwise."""
+    if "bce" in objectives.terms_of(config.objective):
+        return None
+    args = ",".join(a for a, on in (("demo", config.data.demo),
+                                    ("sen12ms", config.data.name == "sen12ms")) if on)
+    return (f"Objective {config.objective} does not train the classifier, so that AP is an "
+            "untrained head's; measure the encoders with a linear probe: python -m "
+            f"mosaic_jax.main --config=configs/linear_probe.py{':' + args if args else ''} "
+            f"--config.init_from={workdir} --workdir={workdir}_probe")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
 
@@ -525,5 +538,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         print(f"Done: {final_step} steps in {time.time() - t0:.0f} s. Final macro AP "
               f"{metrics['macro_ap']:.4f} is {verdict} the {chance:.4f} that label frequencies "
               f"alone give. Outputs in {workdir}", flush=True)
+        hint = linear_probe_hint(config, workdir)
+        if hint:
+            print(hint, flush=True)
     manager.close()
     return metrics

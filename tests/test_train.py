@@ -210,6 +210,19 @@ def test_third_view_needs_an_inter_modal_term():
         configuration.validate_config(config)
 
 
+def test_self_supervised_runs_point_to_the_linear_probe():
+    assert train.linear_probe_hint(load_config("mosaic1"), "runs/m") is None
+    for arg in ("demo", "sen12ms"):
+        hint = train.linear_probe_hint(load_config("iai_simclr", arg), "runs/iai")
+        assert (f"--config=configs/linear_probe.py:{arg} --config.init_from=runs/iai "
+                "--workdir=runs/iai_probe") in hint
+        probe = load_config("linear_probe", arg)  # the command names a valid config
+        probe.init_from = "runs/iai"
+        configuration.validate_config(probe)
+    hint = train.linear_probe_hint(load_config("simclr", None), "gs://b/r")
+    assert "--config=configs/linear_probe.py --config.init_from=gs://b/r " in hint
+
+
 def test_unknown_config_argument_is_rejected():
     with pytest.raises(ValueError, match="unknown config argument 'dmeo'"):
         load_config("mosaic1", "dmeo")
