@@ -99,9 +99,11 @@ def load_config(workdir: str | os.PathLike[str]) -> Any:
             "workdir?)")
     saved = json.loads(path.read_text())
     # Keys added to the config since the run was written take their defaults.
-    from mosaic_jax import configuration
+    from mosaic_jax import configuration, objectives
 
-    defaults = configuration.base_config(saved.get("objective", "mosaic1")).to_dict()
+    objective = saved.get("objective")
+    defaults = (configuration.base_config(objective).to_dict()
+                if objective in objectives.OBJECTIVES else {})
     return ml_collections.ConfigDict(_merged(defaults, saved))
 
 
