@@ -45,10 +45,12 @@ class RestoredRun:
     variables: dict[str, Any]
 
 
-def _abs(workdir: str | os.PathLike[str]) -> str:
+def resolve_workdir(workdir: str | os.PathLike[str]) -> str:
     """A URL (``gs://...``) as given; a local path with ``~`` expanded, made absolute."""
+    from mosaic_jax import atomic_files
+
     workdir = os.fspath(workdir)
-    if "://" in workdir:
+    if atomic_files.is_remote(workdir):
         return workdir
     return os.path.abspath(os.path.expanduser(workdir))
 
@@ -60,7 +62,7 @@ def checkpoint_steps(workdir: str | os.PathLike[str]) -> list[int]:
     suffix; on ``gs://``, where it writes in place, a finished one holds ``commit_success.txt``),
     and the folder must hold the ``state`` item.
     """
-    workdir = _abs(workdir)
+    workdir = resolve_workdir(workdir)
     root = epath.Path(workdir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
@@ -75,7 +77,7 @@ def checkpoint_steps(workdir: str | os.PathLike[str]) -> list[int]:
 
 def latest_step(workdir: str | os.PathLike[str]) -> int:
     """The newest checkpoint step; FileNotFoundError naming the workdir when there is none."""
-    workdir = _abs(workdir)
+    workdir = resolve_workdir(workdir)
     if not epath.Path(workdir).is_dir():
         raise FileNotFoundError(f"workdir {workdir!r} does not exist")
     steps = checkpoint_steps(workdir)
@@ -92,11 +94,11 @@ def load_config(workdir: str | os.PathLike[str]) -> Any:
     that the run's version did not have yet take today's defaults."""
     import ml_collections
 
-    path = epath.Path(_abs(workdir)) / CONFIG_FILE
+    workdir = resolve_workdir(workdir)
+    path = epath.Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"workdir {_abs(workdir)!r} has no {CONFIG_FILE} (is it a mosaic_jax training "
-            "workdir?)")
+            f"workdir {workdir!r} has no {CONFIG_FILE} (is it a mosaic_jax training workdir?)")
     saved = json.loads(path.read_text())
     # Keys added to the config since the run was written take their defaults.
     from mosaic_jax import configuration, objectives
@@ -128,7 +130,7 @@ def restore_variables(workdir: str | os.PathLike[str], step: int | None = None) 
     import jax
     import orbax.checkpoint as ocp
 
-    workdir = _abs(workdir)
+    workdir = resolve_workdir(workdir)
     if step is None:
         step = latest_step(workdir)
     elif step not in checkpoint_steps(workdir):

@@ -403,8 +403,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.init_from:
         config = adopt_pretrained_model(config)
         validate_config(config)
-    if not atomic_files.is_remote(workdir):  # a URL (gs://bucket/runs/x) is used as given
-        workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = checkpoint_io.resolve_workdir(workdir)  # a URL (gs://bucket/runs/x) as given
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     d = config.data

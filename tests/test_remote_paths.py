@@ -107,7 +107,7 @@ def test_checkpoint_io_on_remote_workdir(bucket):
         json.dump({"seed": 7, "model": {"kind": "two_tower"}}, f)
 
     url = f"{BUCKET}/runs/x"
-    assert checkpoint_io._abs(url) == url
+    assert checkpoint_io.resolve_workdir(url) == url
     assert checkpoint_io.checkpoint_steps(url) == [3, 6]
     assert checkpoint_io.latest_step(url) == 6
     config = checkpoint_io.load_config(url)
@@ -129,10 +129,10 @@ def test_checkpoint_io_local_paths_unchanged(tmp_path, monkeypatch):
     _step(run, "5.orbax-checkpoint-tmp-1", committed=False)
     assert checkpoint_io.checkpoint_steps(run) == [3]
     monkeypatch.chdir(tmp_path)
-    assert checkpoint_io._abs("run") == run
+    assert checkpoint_io.resolve_workdir("run") == run
     assert checkpoint_io.latest_step("run") == 3
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert checkpoint_io._abs("~/run") == run
+    assert checkpoint_io.resolve_workdir("~/run") == run
 
 
 # ---------------------------------------------------------------------------------------------
