@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,14 @@ class PatchError(ValueError):
 
 def _rebuild_patch_error(message: str, patch_id: str, path: str | None) -> PatchError:
     return PatchError(message, patch_id=patch_id, path=path)
+
+
+def exact_name_reads() -> Any:
+    """A rasterio environment for reading files opened by their exact names: GDAL skips its
+    sidecar-file directory scan on every open (wrap a whole patch's reads in it)."""
+    import rasterio
+
+    return rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR")
 
 
 def find_tiff(directory: str | os.PathLike, stem: str, *, patch_id: str) -> Path:

@@ -64,7 +64,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_builders import shard_writer
-from data_builders.geotiff import PatchError, find_tiff, read_tiff
+from data_builders.geotiff import PatchError, exact_name_reads, find_tiff, read_tiff
 
 # ---------------------------------------------------------------------------------------------
 # Facts about the dataset (REFERENCE.md section 3).
@@ -384,8 +384,6 @@ def make_features(with_reference_map: bool) -> tfds.features.FeaturesDict:
 # ---------------------------------------------------------------------------------------------
 # Writing shards: what `data_builders.shard_writer` needs to know about this dataset.
 
-PATCHES_PER_WORKER = 500
-"""Default parallelism: one worker process per this many patches (at most one per CPU)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,10 +402,7 @@ class BigEarthNetV2Loader(shard_writer.ExampleLoader[PatchRow]):
         return size + (PATCH_SIZE * PATCH_SIZE if self.with_reference_map else 0)
 
     def load(self, item: PatchRow) -> dict[str, Any]:
-        import rasterio
-
-        # No sidecar-file directory scans: every file is opened by its exact name.
-        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+        with exact_name_reads():
             return load_example(self.root, item, with_reference_map=self.with_reference_map)
 
 
@@ -564,8 +559,7 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
                    for split, rows in by_split.items()},
             self._loader(root), download_config=download_config,
             skip_bad_patches=self.skip_bad_patches, num_workers=self._num_workers,
-            report=self._write_report, skipped=skipped, items_per_worker=PATCHES_PER_WORKER,
-            source=root)
+            report=self._write_report, skipped=skipped, source=root)
 
     def _write_report(self, skipped: list[dict[str, Any]]) -> None:
         """Writes `skipped_patches.json` into the directory being prepared (TFDS moves it into
@@ -580,8 +574,7 @@ def skipped_patches(data_path: str | os.PathLike) -> list[dict[str, Any]]:
 
 __all__ = [
     "CLASS_INDEX", "CLASS_NAMES", "CLC_TO_CLASS", "METADATA_COLUMNS", "METADATA_FILE",
-    "METADATA_MD5", "NUM_CLASSES", "OFFICIAL_SPLIT_SIZES", "PATCHES_PER_WORKER", "PATCH_SIZE",
-    "REFERENCE_MAPS_DIR",
+    "METADATA_MD5", "NUM_CLASSES", "OFFICIAL_SPLIT_SIZES", "PATCH_SIZE", "REFERENCE_MAPS_DIR",
     "REPORT_NAME", "S1_BANDS", "S1_DIR", "S2_BANDS", "S2_BAND_SIZE", "S2_DIR",
     "SNOW_CLOUD_METADATA_FILE", "SPLITS", "UNLABELLED", "BigEarthNetV2Config", "BigearthnetV2",
     "PatchRow", "clc_to_classes", "labels_to_multi_hot", "load_example", "make_features",

@@ -75,7 +75,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_builders import shard_writer
-from data_builders.geotiff import PatchError, find_tiff, read_tiff
+from data_builders.geotiff import PatchError, exact_name_reads, find_tiff, read_tiff
 
 # ---------------------------------------------------------------------------------------------
 # Facts about the dataset.
@@ -361,10 +361,7 @@ class Sen12msLoader(shard_writer.ExampleLoader[PatchRef]):
         return PATCH_SIZE * PATCH_SIZE * channels + 1024
 
     def load(self, item: PatchRef) -> dict[str, Any]:
-        import rasterio
-
-        # No sidecar-file directory scans: every file is opened by its exact name.
-        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+        with exact_name_reads():
             return read_patch(item, nonfinite_s1_fill=self.nonfinite_s1_fill)
 
 
