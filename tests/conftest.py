@@ -24,6 +24,31 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 
+def hide_packages_source(names: tuple[str, ...]) -> str:
+    """Python source that, run first in a process, makes the top-level packages `names`
+    unimportable (find_spec gives None, import raises ModuleNotFoundError), exactly as when they
+    are not installed: every meta-path finder is wrapped."""
+    return f"""\
+import sys
+
+
+class _HidePackages:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {tuple(names)!r}:
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def invalidate_caches(self):
+        getattr(self.finder, "invalidate_caches", lambda: None)()
+
+
+sys.meta_path[:] = [_HidePackages(finder) for finder in sys.meta_path]
+"""
+
+
 def tiny(config):
     """Shrinks a config to test size (16 px inputs, width 1/32, tiny heads)."""
     config.batch_size = 16

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import hide_packages_source
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -23,23 +24,7 @@ MACHINE_KEYS = ("platform", "cpu_model", "usable_cores", "memory_gib", "jax_vers
 # The GPU machine's image has jax, flax, optax, numpy, etils, absl and PyYAML, but not these
 # (ml_collections travels as a wheel): the train-step benchmark must run without them.
 NOT_ON_GPU_IMAGE = ("grain", "tensorflow_datasets", "tensorflow", "clu", "array_record")
-HIDE_PACKAGES = f"""\
-import sys
-
-class _Hide:
-    def __init__(self, finder):
-        self.finder = finder
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {NOT_ON_GPU_IMAGE!r}:
-            return None
-        return self.finder.find_spec(name, path, target)
-
-    def invalidate_caches(self):
-        getattr(self.finder, "invalidate_caches", lambda: None)()
-
-sys.meta_path[:] = [_Hide(f) for f in sys.meta_path]
-"""
+HIDE_PACKAGES = hide_packages_source(NOT_ON_GPU_IMAGE)
 
 
 def _env(hide_dir: Path | None = None) -> dict[str, str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import hide_packages_source
 
 tfds = pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("rasterio")
@@ -198,29 +199,11 @@ def test_generate_examples_skips_and_counts():
 # ---------------------------------------------------------------------------------------------
 # Both builders without TensorFlow.
 
-LAUNCHER = '''\
-"""Runs `python -m data_builders.prepare` as if TensorFlow were not installed."""
-import sys
-
-
-class HideTensorFlow:
-    """Wraps a meta-path finder so that it finds no `tensorflow` (find_spec gives None, import
-    raises ModuleNotFoundError), exactly as when the package is absent."""
-
-    def __init__(self, finder):
-        self.finder = finder
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "tensorflow":
-            return None
-        return self.finder.find_spec(name, path, target)
-
-    def invalidate_caches(self):
-        getattr(self.finder, "invalidate_caches", lambda: None)()
-
-
-# At import time, so that spawned workers (which import this file as __mp_main__) run it too.
-sys.meta_path[:] = [HideTensorFlow(finder) for finder in sys.meta_path]
+LAUNCHER = (
+    '"""Runs `python -m data_builders.prepare` as if TensorFlow were not installed."""\n'
+    # At import time, so that spawned workers (which import the file as __mp_main__) hide it too.
+    + hide_packages_source(("tensorflow",))
+    + '''\
 import importlib.util  # noqa: E402
 import os  # noqa: E402
 
@@ -236,7 +219,7 @@ if __name__ == "__main__":
     status = prepare.main(sys.argv[1:])
     assert "tensorflow" not in sys.modules
     sys.exit(status)
-'''
+''')
 
 
 def _write_fake(name: str, manual: Path) -> int:
