@@ -9,9 +9,11 @@ is atomic already.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import BinaryIO
 
 # Read once: os.umask can only be read by setting it, which is not thread-safe.
 _UMASK = os.umask(0)
@@ -46,13 +48,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Writes `data` (str as UTF-8) to a local path or a URL, atomically."""
-    payload = data.encode() if isinstance(data, str) else data
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Yields a binary file to write `path` through, atomically: a temp file beside a local path
+    (streamed, so large outputs are not held in memory), or an in-memory buffer uploaded as one
+    object to a URL on a clean exit. On an exception nothing is written."""
     if is_remote(path):
         from etils import epath
 
-        epath.Path(os.fspath(path)).write_bytes(payload)
+        buffer = io.BytesIO()
+        yield buffer
+        epath.Path(os.fspath(path)).write_bytes(buffer.getvalue())
         return
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(payload)
+        yield f
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes `data` (str as UTF-8) to a local path or a URL, atomically."""
+    with open_atomic(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)

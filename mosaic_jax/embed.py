@@ -14,7 +14,6 @@ temp file, then rename) with, for the N patches of the split in source order:
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 
@@ -109,9 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              patch_ids=not args.no_patch_ids, max_batches=args.max_batches)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_files.write_atomic(args.output, buf.getvalue())
+    with atomic_files.open_atomic(args.output) as f:
+        np.savez(f, **arrays)
     shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
     print(f"Wrote {len(arrays['index'])} rows to {os.path.abspath(args.output)}: {shapes}")
 

@@ -12,7 +12,6 @@ gs:// URLs), so a reader never sees a half-written picture.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -154,9 +153,8 @@ def plot_tsne(
             frameon=False,
         )
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    atomic_files.write_atomic(path, png.getvalue())
+    with atomic_files.open_atomic(path) as f:
+        fig.savefig(f, format="png")
 
 
 def _legend_handle(line_cls: Any, color: Any, label: str) -> Any:

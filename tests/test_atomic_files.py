@@ -46,3 +46,18 @@ def test_is_remote():
     assert atomic_files.is_remote("gs://bucket/run")
     assert not atomic_files.is_remote("/tmp/run")
     assert not atomic_files.is_remote(os.path.join("runs", "x"))
+
+
+def test_open_atomic_streams_to_the_file_and_keeps_the_old_one_on_failure(tmp_path):
+    path = tmp_path / "embeddings.npz"
+    with atomic_files.open_atomic(path) as f:
+        f.write(b"new ")
+        f.write(b"content")
+        assert not path.exists()  # visible only once complete
+    assert path.read_bytes() == b"new content"
+    with pytest.raises(OSError, match="quota"):
+        with atomic_files.open_atomic(path) as f:
+            f.write(b"partial")
+            raise OSError("quota exceeded")
+    assert path.read_bytes() == b"new content"
+    assert os.listdir(tmp_path) == ["embeddings.npz"]
