@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
 from etils import epath
 
@@ -127,7 +128,6 @@ def restore_variables(workdir: str | os.PathLike[str], step: int | None = None) 
     FileNotFoundError naming the workdir when it has no checkpoint (or no such step) or no
     ``config.json``.
     """
-    import jax
     import orbax.checkpoint as ocp
 
     workdir = resolve_workdir(workdir)
@@ -164,6 +164,27 @@ def restore_variables(workdir: str | os.PathLike[str], step: int | None = None) 
     variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
     variables = jax.tree.map(np.asarray, variables)
     return RestoredRun(workdir=workdir, step=int(step), config=config, variables=variables)
+
+
+def nonfinite_arrays(tree: Any) -> tuple[list[str], int]:
+    """(paths of the floating-point arrays of `tree` holding a NaN or inf, number of arrays)."""
+    bad, total = [], 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        leaf = np.asarray(leaf)
+        total += 1
+        if np.issubdtype(leaf.dtype, np.inexact) and not np.isfinite(leaf).all():
+            bad.append("/".join(str(getattr(k, "key", k)) for k in path))
+    return bad, total
+
+
+def require_finite(run: RestoredRun) -> None:
+    """ValueError when the checkpoint of `run` holds non-finite parameters or statistics."""
+    bad, total = nonfinite_arrays(run.variables)
+    if bad:
+        raise ValueError(
+            f"checkpoint step {run.step} of {run.workdir} holds non-finite values in {len(bad)} "
+            f"of {total} arrays (first: {bad[0]}): the run diverged; use an earlier step "
+            f"(steps: {checkpoint_steps(run.workdir)})")
 
 
 def class_names(dataset: str, num_classes: int) -> list[str]:

@@ -9,6 +9,7 @@ already rejected by ml_collections' config flags.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -277,7 +278,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             _fail(key, str(e))
     for key, value in (("augment.crop_scale", config.augment.crop_scale),
                        ("augment.crop_ratio", config.augment.crop_ratio)):
-        if len(value) != 2 or not 0 < value[0] <= value[1]:
+        if len(value) != 2 or not all(map(math.isfinite, value)) or not 0 < value[0] <= value[1]:
             _fail(key, f"must be (min, max) with 0 < min <= max, got {value}")
     if config.augment.crop_scale[1] > 1:
         _fail("augment.crop_scale", f"max must be <= 1, got {config.augment.crop_scale}")
@@ -300,6 +301,8 @@ def _integer(key: str, value: Any, *, minimum: int) -> None:
 def _number(key: str, value: Any, *, minimum: float, maximum: float | None = None,
             strict: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and not math.isfinite(value):
+        _fail(key, f"must be a finite number, got {value!r}")
     ok = ok and (value > minimum if strict else value >= minimum)
     ok = ok and (maximum is None or value <= maximum)
     if not ok:

@@ -98,6 +98,14 @@ def load_embedder(export_dir: str | os.PathLike[str]
                              f"{args[1].shape[0]}")
         return call(*args)
 
+    # A diverged model must not silently produce NaN maps or embeddings: one probe sample of
+    # band means (zeros after normalisation) reaches every parameter and statistic.
+    probe = call(*(jnp.zeros((1, *aval.shape[1:]), aval.dtype) for aval in avals))
+    bad = [k for k, v in probe.items() if not np.isfinite(np.asarray(v)).all()]
+    if bad:
+        raise ValueError(f"the model in {os.fspath(export_dir)!r} gives non-finite {', '.join(bad)}"
+                         " for a plain input: its parameters are not finite (a diverged run); "
+                         "export an earlier checkpoint with python -m mosaic_jax.export --step")
     embed.exported = exported  # type: ignore[attr-defined]
     return embed
 
@@ -343,6 +351,7 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
     output = os.path.abspath(os.path.expanduser(output))
     _check_output_dir(output)
     run = checkpoint_io.restore_variables(workdir, step)
+    checkpoint_io.require_finite(run)
     config = run.config
     d, m = config.data, config.model
     size = int(input_size or _native_size(d.name) or config.augment.out_size)
@@ -461,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         info = export_workdir(args.workdir, args.output, step=args.step,
                               input_size=args.input_size,
                               platforms=[p for p in args.platforms.split(",") if p])
-    except (FileNotFoundError, FileExistsError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     files = sorted(os.listdir(os.path.abspath(args.output)))
     print(f"Exported step {info['source']['step']} of {info['source']['workdir']} "

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {e}")
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, train.DivergenceError) as e:
         sys.exit(f"error: {e}")
 
 

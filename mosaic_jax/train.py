@@ -220,13 +220,57 @@ def make_mesh(devices: list | None = None) -> jax.sharding.Mesh:
                              axis_types=(jax.sharding.AxisType.Explicit,))
 
 
+FINITE_KEY = "all_finite"  # the train step's bool metric: loss, gradient norm, new state finite
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """bool[]: every element of every floating-point leaf of `tree` is finite."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss, gradient or state; nothing of it was saved."""
+
+
+def check_finite(step: int, metrics: Mapping[str, Any], last_good: int | None,
+                 checkpoint_dir: str) -> None:
+    """Raises DivergenceError when step `step`'s metrics say it went non-finite.
+
+    The message names the step, what went non-finite first (in the order the step computes
+    them: the loss terms, the total loss, the gradient, the updated state) and the last good
+    checkpoint, which stays in place since no non-finite state is ever saved.
+    """
+    if bool(metrics[FINITE_KEY]):
+        return
+    values = {k: float(v) for k, v in metrics.items() if k != FINITE_KEY}
+    bad_terms = [k.removeprefix("loss_") for k, v in values.items()
+                 if k.startswith("loss_") and not np.isfinite(v)]
+    if bad_terms:
+        what = "the loss term(s) " + ", ".join(f"{t} ({values['loss_' + t]})" for t in bad_terms)
+    elif not np.isfinite(values["loss"]):
+        what = f"the total loss ({values['loss']})"
+    elif not np.isfinite(values["grad_norm"]):
+        what = f"the gradient (norm {values['grad_norm']})"
+    else:
+        what = "the updated parameters, BatchNorm statistics or optimizer state"
+    kept = (f"the last good checkpoint is step {last_good} in {checkpoint_dir}"
+            if last_good is not None else "no checkpoint had been saved yet")
+    raise DivergenceError(
+        f"training diverged at step {step}: {what} went non-finite first. Nothing of that step "
+        f"was saved; {kept}. Lower optimizer.learning_rate (or raise optimizer.warmup_steps, set "
+        "optimizer.grad_clip_norm) and rerun the same command to resume from it.")
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted, donated step (state, global batch) -> (new state, scalar metrics).
 
     The batch holds normalised `s1` [B, H, W, c1], `s2` [B, H, W, c2], `labels` [B, C] and
-    `label_mask` [B], sharded over the `data` axis; metrics are replicated float32 scalars.
+    `label_mask` [B], sharded over the `data` axis; metrics are replicated float32 scalars, plus
+    the bool `metrics[FINITE_KEY]` (loss, gradient norm and new state all finite).
     """
     objective = config.objective
     hp = loss_hparams(config)
@@ -271,12 +315,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         labelled = jax.lax.psum(jnp.sum(batch["label_mask"]), DATA_AXIS)
+        grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()},
                    "learning_rate": schedule(state.step),
-                   "grad_norm": optax.tree.norm(grads),
+                   "grad_norm": grad_norm,
                    "labelled_fraction": labelled / (n * jax.lax.axis_size(DATA_AXIS))}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
+        metrics[FINITE_KEY] = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                               & all_finite((params, batch_stats, opt_state)))
         return new_state, metrics
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
@@ -488,12 +535,28 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   flush=True)
         return metrics
 
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+
+    def ensure_finite(step: int, metrics: Mapping[str, Any]) -> None:
+        try:
+            check_finite(step, metrics, manager.latest_step(), checkpoint_dir)
+        except DivergenceError:
+            manager.wait_until_finished()
+            manager.close()
+            writer.flush()
+            raise
+
     train_metrics = None  # clu.metrics collection of the steps since the last log line
+    unchecked = None  # (step, metrics) whose finiteness is read one step later: no stall
     t0 = time.time()
     for step in range(start_step + 1, config.num_train_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             batch = global_batch(next(train_iter), mesh, TRAIN_KEYS)
             state, metrics = train_step(state, batch)
+        if unchecked is not None:
+            ensure_finite(*unchecked)
+        unchecked = (step, metrics)
+        metrics = {k: v for k, v in metrics.items() if k != FINITE_KEY}
         if train_metrics is None:
             collection = clu_metrics.Collection.create(
                 **{k: clu_metrics.Average.from_output(k) for k in metrics})
@@ -507,11 +570,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             summary = {k: float(v) for k, v in train_metrics.compute().items()}
             train_metrics = None
             writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-            if not np.isfinite(summary["loss"]):
-                raise FloatingPointError(f"training loss is {summary['loss']} at step {step}")
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+            ensure_finite(*unchecked)
             save(step)
         if step < config.num_train_steps and preemption.should_stop():
+            ensure_finite(*unchecked)
             if manager.latest_step() != step:
                 save(step, force=True)
             manager.wait_until_finished()
@@ -524,6 +587,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if (config.eval_every_steps and step % config.eval_every_steps == 0
                 and step != config.num_train_steps):
             run_eval(step)
+    if unchecked is not None:
+        ensure_finite(*unchecked)
     final_step = int(state.step)
     if manager.latest_step() != final_step:
         save(final_step, force=True)

@@ -354,9 +354,10 @@ def test_checkpoint_io_restores_every_step(workdir):
     assert jnp.asarray(a[0]).dtype == jnp.float32
 
 
-def _untrained_workdir(path, config):
+def _untrained_workdir(path, config, poison=None):
     """A workdir whose only checkpoint holds random variables saved like the training program
-    saves them (no training: filling shapes with numpy values keeps this fast)."""
+    saves them (no training: filling shapes with numpy values keeps this fast). `poison`: a
+    parameter name ("bias", ...) whose first array gets a NaN, as after a divergence."""
     import orbax.checkpoint as ocp
 
     model = train.create_model(config)
@@ -375,6 +376,17 @@ def _untrained_workdir(path, config):
 
     state = jax.tree.map_with_path(fill, shapes)
     state = state.replace(step=jnp.asarray(5, jnp.int32))
+    if poison:
+        hit = []
+
+        def nan_first(p, v):
+            if getattr(p[-1], "key", None) == poison and not hit:
+                hit.append(p)
+                return v.at[(0,) * v.ndim].set(jnp.nan)
+            return v
+
+        state = state.replace(params=jax.tree.map_with_path(nan_first, state.params))
+        assert hit
     path.mkdir()
     (path / "config.json").write_text(config.to_json(indent=1))
     with ocp.CheckpointManager(str(path / "checkpoints"),
@@ -480,3 +492,24 @@ def test_load_config_gives_keys_added_since_the_run_their_defaults(tmp_path):
     assert loaded.model.remat is False and loaded.loss.inter_view == "shared"
     assert loaded.model.width_multiplier == 0.5 and loaded.objective == "iai_simclr"
     assert loaded.loss.t_inter == 0.5 and loaded.data.demo is True
+
+
+def test_export_and_loader_refuse_non_finite_parameters(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    config = importlib.import_module("configs.supervised").get_config("demo")
+    config.augment.out_size = 16
+    config.model.width_multiplier = 1 / 32
+    workdir = _untrained_workdir(tmp_path / "run", config, poison="bias")
+    with pytest.raises(ValueError, match=r"checkpoint step 5 of .*run holds non-finite values "
+                       r"in 1 of \d+ arrays .*diverged"):
+        export.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
+    with pytest.raises(SystemExit) as e:
+        export.main(["--workdir", workdir, "--output", str(tmp_path / "out")])
+    assert e.value.code == 2 and "non-finite" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # An export written before this check (or by hand) is refused when loaded.
+    monkeypatch.setattr(checkpoint_io, "require_finite", lambda run: None)
+    export.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
+    with pytest.raises(ValueError, match="non-finite .*diverged"):
+        export.load_embedder(tmp_path / "out")

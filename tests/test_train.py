@@ -195,6 +195,11 @@ def test_full_recipe_uses_ten_percent_of_the_training_data():
     (lambda c: setattr(c, "objective", "mosaic3"), "objective"),
     (lambda c: setattr(c.loss, "inter_view", "fourth"), "loss.inter_view"),
     (lambda c: c.model.unlock().__setattr__("remat", None), "model.remat"),
+    (lambda c: setattr(c.optimizer, "learning_rate", float("inf")), "optimizer.learning_rate"),
+    (lambda c: setattr(c.loss, "t_intra", float("inf")), "loss.t_intra"),
+    (lambda c: setattr(c.loss, "t_sup", float("nan")), "loss.t_sup"),
+    (lambda c: setattr(c.loss.weights, "bce", float("inf")), "loss.weights.bce"),
+    (lambda c: setattr(c.augment, "crop_ratio", (0.5, float("inf"))), "augment.crop_ratio"),
 ])
 def test_invalid_config_raises_an_error_naming_the_key(change, key):
     config = load_config("mosaic1")
@@ -309,3 +314,103 @@ def test_linear_probe_trains_only_the_classifier(prepared_fake, trained_workdir,
     for a, b in zip(jax.tree.leaves(probe["batch_stats"]), jax.tree.leaves(saved["batch_stats"]),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence: never save a non-finite state
+
+
+def test_step_reports_whether_loss_gradient_and_state_are_finite():
+    config = tiny(load_config("mosaic1"))
+    mesh, step, state = setup(config, jax.devices()[:1])
+    local = random_batch(config, 16, seed=4)
+    _, metrics = step(state, train.global_batch(local, mesh, train.TRAIN_KEYS))
+    assert metrics[train.FINITE_KEY].dtype == bool and bool(metrics[train.FINITE_KEY])
+    mesh, step, state = setup(config, jax.devices()[:1])
+    local["s2"][3, 0, 0, 0] = np.nan  # one NaN pixel of one sample
+    _, metrics = step(state, train.global_batch(local, mesh, train.TRAIN_KEYS))
+    assert not bool(metrics[train.FINITE_KEY])
+    # A state that is non-finite before the step (finite loss aside) is reported too.
+    mesh, step, state = setup(config, jax.devices()[:1])
+    params = jax.tree.map(lambda x: x, jax.device_get(state.params))
+    params["classifier"]["bias"] = np.full_like(params["classifier"]["bias"], np.inf)
+    state = jax.device_put(state.replace(params=params),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    _, metrics = step(state, train.global_batch(random_batch(config, 16), mesh, train.TRAIN_KEYS))
+    assert not bool(metrics[train.FINITE_KEY])
+
+
+def test_all_finite_reads_every_float_leaf_and_ignores_integers():
+    tree = {"a": jnp.ones(3), "b": [jnp.zeros((2, 2), jnp.bfloat16)], "n": jnp.arange(3)}
+    assert bool(train.all_finite(tree))
+    tree["b"][0] = tree["b"][0].at[1, 1].set(jnp.inf)
+    assert not bool(train.all_finite(tree))
+    assert bool(train.all_finite({"n": jnp.arange(2)}))
+
+
+@pytest.mark.parametrize("values, first", [
+    ({"loss_intra_s1": 1.0, "loss_bce": np.nan, "loss": np.nan, "grad_norm": np.nan},
+     "loss term(s) bce (nan)"),
+    ({"loss_bce": 1.0, "loss": np.inf, "grad_norm": 1.0}, "the total loss (inf)"),
+    ({"loss_bce": 1.0, "loss": 1.0, "grad_norm": np.nan}, "the gradient (norm nan)"),
+    ({"loss_bce": 1.0, "loss": 1.0, "grad_norm": 2.0}, "the updated parameters"),
+])
+def test_divergence_message_names_the_step_the_first_term_and_the_last_checkpoint(values, first):
+    metrics = {**values, "learning_rate": 0.1, train.FINITE_KEY: False}
+    with pytest.raises(train.DivergenceError) as error:
+        train.check_finite(17, metrics, 16, "/w/checkpoints")
+    message = str(error.value)
+    assert "diverged at step 17" in message and first in message
+    assert "last good checkpoint is step 16 in /w/checkpoints" in message
+    with pytest.raises(train.DivergenceError, match="no checkpoint had been saved yet"):
+        train.check_finite(1, metrics, None, "/w/checkpoints")
+    train.check_finite(17, {**metrics, train.FINITE_KEY: True}, 16, "/w/checkpoints")
+
+
+def _checkpoint_is_finite(workdir, step):
+    return all(np.isfinite(x).all() for x in jax.tree.leaves(_state_of(workdir, step)))
+
+
+def test_nan_between_log_steps_is_caught_at_its_step_and_never_saved(prepared_fake, tmp_path,
+                                                                    monkeypatch):
+    # Step 3 sees a NaN pixel; logs come every 6 steps, checkpoints every 2: the old guard
+    # (the logged loss average) would have saved the NaN state as checkpoint 4.
+    config = program_config(prepared_fake)
+    config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 6, 6, 2
+    calls = []
+    real = train.global_batch
+
+    def poisoned(local, mesh, keys):
+        calls.append(1)
+        if len(calls) == 3 and "labels" in keys:
+            local = dict(local, s2=np.where(np.arange(local["s2"].shape[0])[:, None, None, None]
+                                            == 0, np.nan, local["s2"]))
+        return real(local, mesh, keys)
+
+    monkeypatch.setattr(train, "global_batch", poisoned)
+    workdir = str(tmp_path / "w")
+    with pytest.raises(train.DivergenceError, match="diverged at step 3:.*last good checkpoint "
+                       "is step 2"):
+        train.train_and_evaluate(config, workdir)
+    assert checkpoint_io.checkpoint_steps(workdir) == [2]
+    assert _checkpoint_is_finite(workdir, 2)
+
+
+@pytest.mark.slow
+def test_diverging_command_exits_non_zero_and_keeps_the_last_finite_checkpoint(prepared_fake,
+                                                                              tmp_path):
+    workdir = tmp_path / "nan"
+    result = _run_main(
+        "--config=configs/mosaic1.py:demo", f"--workdir={workdir}",
+        "--config.data.demo=False", f"--config.data.data_dir={prepared_fake}",
+        "--config.batch_size=16", "--config.eval_batch_size=16", "--config.augment.out_size=16",
+        "--config.model.width_multiplier=0.03125", "--config.tsne_points=0",
+        "--config.num_train_steps=8", "--config.checkpoint_every_steps=2",
+        "--config.log_every_steps=8", "--config.optimizer.warmup_steps=1",
+        "--config.optimizer.learning_rate=1e6")
+    assert result.returncode != 0, result.stdout
+    assert "error: training diverged at step" in result.stderr, result.stderr
+    assert "Done" not in result.stdout
+    steps = checkpoint_io.checkpoint_steps(workdir)
+    for step in steps:
+        assert _checkpoint_is_finite(workdir, step), step
