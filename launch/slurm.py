@@ -139,6 +139,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.job_name = f"mosaic-{name}"
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", args.job_name):
         p.error(f"--job_name {args.job_name!r}: letters, digits and _.+- only")
+    for flag in ("partition", "account"):  # SLURM names; a comma separates alternatives
+        value = getattr(args, flag)
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.+,-]+", value):
+            p.error(f"--{flag} {value!r}: letters, digits and _.+,- only")
+    # Every other value is written into the script too: a line break or other control
+    # character would end its #SBATCH line or shell command and start a new one.
+    for flag, value in sorted(vars(args).items()):
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and any(ord(ch) < 32 or ord(ch) == 127 for ch in item):
+                p.error(f"--{flag} {item!r}: control characters (line breaks, tabs) are not "
+                        "allowed in values written into the batch script")
     args.script_path = os.path.abspath(args.script_path or f"{name}.sbatch")
     if args.output is None:
         args.output = os.path.join(os.path.dirname(args.script_path), f"{args.job_name}-%j.out")

@@ -320,6 +320,13 @@ def test_slurm_requeue_script(tmp_path):
     (["--gpus_per_node=8", "--requeue", "--time=2", "--signal_seconds=120"], "shorter"),
     (["--gpus_per_node=8", "--sbatch_option=qos=high"], "--sbatch_option"),
     (["--nodes=2"], "--gpus_per_node"),
+    (["--gpus_per_node=8", "--partition=gpu\ntouch pwned\n#"], "--partition"),
+    (["--gpus_per_node=8", "--partition=gpu;touch pwned"], "--partition"),
+    (["--gpus_per_node=8", "--account=a\rb"], "--account"),
+    (["--gpus_per_node=8", "--output=log\ntouch pwned\n#"], "--output"),
+    (["--gpus_per_node=8", "--config=configs/mosaic1.py\ntouch pwned"], "--config"),
+    (["--gpus_per_node=8", "--override", "seed=1\ntouch pwned"], "--override"),
+    (["--gpus_per_node=8", "--data_dir=/d\x7f"], "--data_dir"),
 ])
 def test_slurm_bad_arguments_fail_clearly(tmp_path, args, message):
     result = _slurm(tmp_path, *args, "--dry-run", check_rc=2)
