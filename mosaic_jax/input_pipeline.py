@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -514,6 +515,28 @@ def _read_options(prefetch_buffer: int) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=prefetch_buffer, prefetch_buffer_size=prefetch_buffer)
 
 
+PARENT_POLL_SECONDS = 0.5
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
+    """Grain worker start-up: the worker ends itself once its parent process is gone.
+
+    A trainer killed without warning (SIGKILL, the OOM killer) cannot stop its workers, which
+    would otherwise live on, holding memory, until the machine is rebooted; when they end,
+    multiprocessing's resource tracker sees its last client go and ends too. The check is a
+    daemon thread comparing ``os.getppid()`` with the parent at start (orphans are re-parented).
+    """
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def make_train_dataset(
     source: Any,
     *,
@@ -586,7 +609,8 @@ def make_train_dataset(
         return it.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=worker_count, per_worker_buffer_size=max(1, prefetch_buffer)
-            )
+            ),
+            worker_init_fn=exit_with_parent,
         )
     return ds.to_iter_dataset(_read_options(prefetch_buffer))
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -479,3 +484,57 @@ def test_real_sen12ms_builder_end_to_end(tmp_path):
     for c, (mean, std) in enumerate(SEN_S1):  # clipped to [-25, 0] dB before normalising
         assert (-25 - mean) / std - 1e-4 <= b["s1"][..., c].min()
         assert b["s1"][..., c].max() <= (0 - mean) / std + 1e-4
+
+
+def _live_descendants(pid: int) -> set[int]:
+    """Processes below `pid` (from /proc) that are not zombies."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_workers_exit_when_the_trainer_is_killed():
+    script = (f"import sys, time; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+              "from test_input_pipeline import make_source, train_ds\n"
+              "it = iter(train_ds(make_source(16), worker_count=2)); next(it)\n"
+              "print('ready', flush=True); time.sleep(600)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers: set[int] = set()
+    try:
+        assert trainer.stdout.readline().strip() == "ready"
+        workers = _live_descendants(trainer.pid)
+        assert len(workers) >= 2, workers  # two Grain workers (and maybe the resource tracker)
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        deadline = time.monotonic() + 20
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in workers if _alive(p)], "workers outlived the killed trainer"
+    finally:
+        trainer.kill()
+        for pid in workers | _live_descendants(trainer.pid):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
