@@ -7,6 +7,7 @@ rename), so an interrupted fake-data generator never leaves a half-written TIFF 
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,13 +48,25 @@ def exact_name_reads() -> Any:
     return rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR")
 
 
+def is_symlink_loop(path: str | os.PathLike) -> bool:
+    """True when resolving `path` runs into a cycle of symbolic links (ELOOP)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
 def find_tiff(directory: str | os.PathLike, stem: str, *, patch_id: str) -> Path:
-    """Returns `directory/stem.tif` or `directory/stem.tiff`; `PatchError` when neither exists."""
+    """Returns `directory/stem.tif` or `directory/stem.tiff`; `PatchError` when neither exists
+    (or one is a symlink loop, which is named as such)."""
     directory = Path(directory)
     for suffix in TIFF_SUFFIXES:
         candidate = directory / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
+        if is_symlink_loop(candidate):
+            raise PatchError("symlink loop", patch_id=patch_id, path=candidate)
     raise PatchError(f"missing file {stem}.tif (or .tiff)", patch_id=patch_id,
                      path=directory / f"{stem}.tif")
 

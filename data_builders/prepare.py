@@ -57,11 +57,13 @@ def builder_class(name: str) -> type:
     return tfds.builder_cls(name)
 
 
-def _builder_kwargs(cls: type, *, skip_bad_patches: bool, num_workers: int | None) -> dict:
+def _builder_kwargs(cls: type, *, skip_bad_patches: bool, num_workers: int | None,
+                    skip_checksums: bool = False) -> dict:
     accepted = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {}
     for option, value, flag in (("skip_bad_patches", skip_bad_patches, "--skip_bad_patches"),
-                                ("num_workers", num_workers, "--num_workers")):
+                                ("num_workers", num_workers, "--num_workers"),
+                                ("skip_checksums", skip_checksums, "--skip_checksums")):
         if value is None or value is False:
             continue
         if option not in accepted:
@@ -73,7 +75,7 @@ def _builder_kwargs(cls: type, *, skip_bad_patches: bool, num_workers: int | Non
 def prepare(name: str, manual_dir: str | Path, data_dir: str | Path, *,
             config: str | None = None, skip_bad_patches: bool = False,
             num_workers: int | None = None, max_examples_per_split: int | None = None,
-            overwrite: bool = False):
+            overwrite: bool = False, skip_checksums: bool = False):
     """Prepares dataset `name` (config `config`, default: the builder's default) from
     `manual_dir` into `data_dir` as array_record and returns the prepared TFDS builder."""
     import tensorflow_datasets as tfds
@@ -88,7 +90,8 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path, *,
                          f"instructions of {name}: python -c \"import data_builders.{name}, "
                          f"tensorflow_datasets as t; print(t.builder_cls('{name}')"
                          f".MANUAL_DOWNLOAD_INSTRUCTIONS)\")")
-    kwargs = _builder_kwargs(cls, skip_bad_patches=skip_bad_patches, num_workers=num_workers)
+    kwargs = _builder_kwargs(cls, skip_bad_patches=skip_bad_patches, num_workers=num_workers,
+                             skip_checksums=skip_checksums)
     builder = tfds.builder(name if config is None else f"{name}/{config}",
                            data_dir=str(data_dir), file_format="array_record", **kwargs)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
@@ -163,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="parallel worker processes (default: the builder's choice)")
     parser.add_argument("--max_examples_per_split", type=int, default=None,
                         help="for quick trials: at most this many examples per split")
+    parser.add_argument("--skip_checksums", action="store_true",
+                        help="warn instead of failing when a metadata file's md5 is not the "
+                        "official release's (a newer metadata release)")
     parser.add_argument("--overwrite", action="store_true",
                         help="prepare again even if the prepared data exists")
     return parser
@@ -181,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         builder = prepare(args.name, args.manual_dir, args.data_dir, config=args.config,
                           skip_bad_patches=args.skip_bad_patches, num_workers=args.num_workers,
                           max_examples_per_split=args.max_examples_per_split,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, skip_checksums=args.skip_checksums)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

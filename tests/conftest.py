@@ -83,8 +83,8 @@ def prepared_fake(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fake_bigearthnet")
     write_fake_bigearthnet(root / "raw", 40, seed=1)
-    tfds.builder("bigearthnet_v2", data_dir=str(root / "tfds"),
-                 file_format="array_record").download_and_prepare(
+    tfds.builder("bigearthnet_v2", data_dir=str(root / "tfds"), file_format="array_record",
+                 skip_checksums=True).download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(root / "raw")))
     return str(root / "tfds")
 

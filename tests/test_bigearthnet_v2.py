@@ -47,6 +47,7 @@ needs_metadata = pytest.mark.skipif(not REAL_METADATA.is_file() or not REAL_SNOW
 
 def build(manual_dir: Path, data_dir: Path, config: str = "default", **kwargs):
     kwargs.setdefault("num_workers", 1)
+    kwargs.setdefault("skip_checksums", True)  # fake and subset metadata files
     download_config = tfds.download.DownloadConfig(
         manual_dir=str(manual_dir), **kwargs.pop("download_config", {}))
     builder = tfds.builder(f"bigearthnet_v2/{config}", data_dir=str(data_dir),
@@ -435,6 +436,24 @@ def test_missing_manual_content_is_explained(tmp_path):
         build(root, tmp_path / "data", "all")
 
 
+def test_metadata_md5_is_checked_unless_skipped(tmp_path, caplog):
+    root = tiny_root(tmp_path, n=2, seed=4)
+    with pytest.raises(ValueError, match=f"{root / ben.METADATA_FILE}: md5 [0-9a-f]{{32}} is not "
+                       f"the official release's {ben.METADATA_MD5[ben.METADATA_FILE]}"):
+        build(root, tmp_path / "strict", skip_checksums=False)
+    assert not (tmp_path / "strict" / "bigearthnet_v2" / "default" / "1.0.0").exists()
+    with caplog.at_level("WARNING"):
+        build(root, tmp_path / "data", skip_checksums=True)
+    assert "building with it anyway" in caplog.text
+
+
+def test_grid_cells_of_s1_and_s2_names():
+    assert (ben.grid_cell("S2A_MSIL2A_20170613T101031_N9999_R022_T34VER_00_45")
+            == ben.grid_cell("S1B_IW_GRDH_1SDV_20170613T160455_34VER_0_45") == ("34VER", 0, 45))
+    with pytest.raises(PatchError, match="malformed patch name 'x_y'"):
+        ben.grid_cell("x_y")
+
+
 def test_duplicate_patch_ids_are_an_error(tmp_path):
     root = tiny_root(tmp_path, n=2, seed=4)
     table = pq.read_table(root / ben.METADATA_FILE)
@@ -529,6 +548,20 @@ def _break(kind: str, root: Path, pid: str, row: dict) -> tuple[Path, str]:
                 / f"{pid}_reference_map.tif")
         path.unlink()
         return path, "missing file"
+    if kind == "symlink_loop":
+        path = _s2_file(root, pid, "B03")
+        path.unlink()
+        path.symlink_to(path.name)  # points at itself
+        return path, "symlink loop"
+    if kind == "mispaired_s1":
+        table = pq.read_table(root / ben.METADATA_FILE).to_pylist()
+        other = next(r["s1_name"] for r in table if r["patch_id"] != pid)
+        for r in table:
+            if r["patch_id"] == pid:
+                r["s1_name"] = other
+        pq.write_table(pa.Table.from_pylist(table, schema=fake.metadata_schema()),
+                       root / ben.METADATA_FILE)
+        return root / ben.METADATA_FILE, f"s1_name {other} is not the S1 patch of this S2 patch"
     if kind == "unknown_label":
         _rewrite_metadata_labels(root, pid, ["Arable land", "Urban fabric, dense"])
         return root / ben.METADATA_FILE, "unknown label name 'Urban fabric, dense'"
@@ -537,7 +570,7 @@ def _break(kind: str, root: Path, pid: str, row: dict) -> tuple[Path, str]:
 
 BAD_KINDS = ("missing_band", "wrong_shape", "wrong_dtype", "wrong_band_count", "garbage_tiff",
              "truncated_tiff", "nan_s1", "row_without_s1", "row_without_s2",
-             "missing_reference_map", "unknown_label")
+             "missing_reference_map", "unknown_label", "symlink_loop", "mispaired_s1")
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -676,6 +709,8 @@ def test_real_metadata_split_membership():
         assert dict(counts) == ben.OFFICIAL_SPLIT_SIZES[path.name], path.name
         assert len({row.patch_id for row in rows}) == len(rows)
         assert all(ben.s1_tile_dir(row.s1_name)[:4] in ("S1A_", "S1B_") for row in rows)
+        assert all(ben.grid_cell(row.s1_name) == ben.grid_cell(row.patch_id) for row in rows)
+        assert ben.file_md5(path) == ben.METADATA_MD5[path.name]
         for split_names in names.values():
             assert split_names <= set(ben.CLASS_NAMES)  # Every label name is known.
         flagged = sum(row.contains_seasonal_snow or row.contains_cloud_or_shadow for row in rows)
@@ -704,6 +739,10 @@ def test_prepare_main_end_to_end(tmp_path, capsys):
     _break("missing_band", root, pid, rows[pid])
     args = ["bigearthnet_v2", "--manual_dir", str(root), "--data_dir", str(tmp_path / "data"),
             "--config", "all", "--num_workers", "1"]
+    assert prepare.main(args) == 1  # fake metadata: not the official release's md5
+    err = capsys.readouterr().err
+    assert f"{root / ben.METADATA_FILE}: md5 " in err and "--skip_checksums" in err
+    args.append("--skip_checksums")
     assert prepare.main(args) == 1
     assert pid in capsys.readouterr().err
     assert prepare.main(args + ["--skip_bad_patches"]) == 0
@@ -726,7 +765,8 @@ def test_prepare_command_line(tmp_path):
         [str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     result = subprocess.run(
         [sys.executable, "-m", "data_builders.prepare", "bigearthnet_v2", "--manual_dir",
-         str(root), "--data_dir", str(tmp_path / "data"), "--num_workers", "1"],
+         str(root), "--data_dir", str(tmp_path / "data"), "--num_workers", "1",
+         "--skip_checksums"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "skipped patches: 0" in result.stdout

@@ -25,6 +25,9 @@ Builder keyword arguments (`tfds.builder(..., skip_bad_patches=True, num_workers
                        this process: starting workers would cost more than it saves). 1 reads
                        in this process. Workers are spawned, so a script that prepares the data
                        needs the usual `if __name__ == "__main__":` guard.
+    skip_checksums     False (default): a metadata parquet file whose md5 differs from the
+                       official release's (`METADATA_MD5`) stops the build, naming the file.
+                       True: a warning instead, for a newer metadata release (or a subset).
 
 A bad patch is one with a missing patch directory or band file, an unreadable TIFF, a band with
 the wrong shape, band count or dtype, non-finite S1 values, or a metadata row with a null field,
@@ -55,6 +58,8 @@ Example order and shards
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -64,7 +69,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_builders import shard_writer
-from data_builders.geotiff import PatchError, exact_name_reads, find_tiff, read_tiff
+from data_builders.geotiff import (
+    PatchError,
+    exact_name_reads,
+    find_tiff,
+    is_symlink_loop,
+    read_tiff,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Facts about the dataset (REFERENCE.md section 3).
@@ -264,13 +275,38 @@ def labels_to_multi_hot(labels: Iterable[str], *, patch_id: str) -> np.ndarray:
     return multi_hot
 
 
+def grid_cell(name: str) -> tuple[str, int, int]:
+    """(MGRS tile, x, y) of an S2 patch id or an S1 name: their last three '_' fields, tile
+    without the S2 'T' prefix, x and y as integers (S2 pads them to two digits, S1 does not)."""
+    parts = name.split("_")
+    try:
+        return parts[-3].removeprefix("T"), int(parts[-2]), int(parts[-1])
+    except (IndexError, ValueError):
+        raise PatchError(f"malformed patch name {name!r} (expected ..._<tile>_<x>_<y>)",
+                         patch_id=name) from None
+
+
 def validate_row(row: PatchRow) -> None:
-    """`PatchError` when a metadata row cannot describe an example (null field, bad labels)."""
+    """`PatchError` when a metadata row cannot describe an example (null field, bad labels, an
+    S1 patch from another grid cell than its S2 patch: every official row pairs the same cell)."""
     for name, value in zip(PatchRow._fields, row, strict=True):
         if value is None:
             raise PatchError(f"metadata field {name} is null",
                              patch_id=row.patch_id or "<null patch_id>")
+    if grid_cell(row.s1_name) != grid_cell(row.patch_id):
+        raise PatchError(f"s1_name {row.s1_name} is not the S1 patch of this S2 patch (grid "
+                         f"cells {grid_cell(row.s1_name)} and {grid_cell(row.patch_id)})",
+                         patch_id=row.patch_id)
     labels_to_multi_hot(row.labels, patch_id=row.patch_id)
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    """Hex md5 of a file, read in 1 MiB chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +328,9 @@ def clc_to_classes(codes: np.ndarray) -> np.ndarray:
 
 
 def _patch_dir_or_error(directory: Path, what: str, patch_id: str) -> Path:
+    if is_symlink_loop(directory):
+        raise PatchError(f"{what} patch directory is a symlink loop", patch_id=patch_id,
+                         path=directory)
     if not directory.is_dir():
         raise PatchError(f"{what} patch directory missing", patch_id=patch_id, path=directory)
     return directory
@@ -457,10 +496,13 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
     """
 
     def __init__(self, *, skip_bad_patches: bool = False, num_workers: int | None = None,
-                 **kwargs: Any):
+                 skip_checksums: bool = False, **kwargs: Any):
         """skip_bad_patches: leave bad patches out and list them in `skipped_patches.json`
-        instead of failing. num_workers: parallel processes (default: see module docstring)."""
+        instead of failing. num_workers: parallel processes (default: see module docstring).
+        skip_checksums: warn instead of failing on metadata files that are not the official
+        release's."""
         self._skip_bad_patches = bool(skip_bad_patches)
+        self._skip_checksums = bool(skip_checksums)
         self._num_workers = num_workers
         self._serial_skipped: list[dict[str, Any]] = []
         super().__init__(**kwargs)
@@ -500,6 +542,16 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
             raise FileNotFoundError(
                 f"manual dir {root} lacks {missing} (config {self.builder_config.name}).\n"
                 f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        for name in self.builder_config.metadata_files:
+            actual = file_md5(root / name)
+            if actual == METADATA_MD5[name]:
+                continue
+            message = (f"{root / name}: md5 {actual} is not the official release's "
+                       f"{METADATA_MD5[name]}")
+            if not self._skip_checksums:
+                raise ValueError(f"{message} (a damaged download? With a newer metadata "
+                                 "release, build anyway with --skip_checksums)")
+            logging.warning("%s; building with it anyway (skip_checksums)", message)
 
     def _plan(self, root: Path) -> tuple[dict[str, list[PatchRow]], list[dict[str, Any]]]:
         """Rows per split in metadata order, and the rows already rejected as bad (a bad row's
@@ -577,7 +629,8 @@ __all__ = [
     "METADATA_MD5", "NUM_CLASSES", "OFFICIAL_SPLIT_SIZES", "PATCH_SIZE", "REFERENCE_MAPS_DIR",
     "REPORT_NAME", "S1_BANDS", "S1_DIR", "S2_BANDS", "S2_BAND_SIZE", "S2_DIR",
     "SNOW_CLOUD_METADATA_FILE", "SPLITS", "UNLABELLED", "BigEarthNetV2Config", "BigearthnetV2",
-    "PatchRow", "clc_to_classes", "labels_to_multi_hot", "load_example", "make_features",
+    "PatchRow", "clc_to_classes", "file_md5", "grid_cell", "labels_to_multi_hot", "load_example",
+    "make_features",
     "read_metadata", "read_reference_map", "read_s1", "read_s2", "reference_map_dir",
     "s1_patch_dir", "s1_tile_dir", "s2_patch_dir", "s2_tile_dir", "skipped_patches",
     "validate_row",
