@@ -105,7 +105,7 @@ def peak_rss_bytes() -> int:
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """Writes `payload` as indented JSON, creating the folder; atomic on POSIX."""
-    from mosaic_jax import atomic_files
+    from data_builders import atomic_files
 
     atomic_files.write_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
     return Path(path)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_builders import atomic_files
 from data_builders.bigearthnet_v2.bigearthnet_v2 import (
     CLASS_NAMES,
     CLC_TO_CLASS,
@@ -57,7 +58,6 @@ from data_builders.bigearthnet_v2.bigearthnet_v2 import (
     s2_patch_dir,
 )
 from data_builders.geotiff import write_tiff
-from mosaic_jax import atomic_files
 
 PATCH_METRES = 1200.0
 """Side of a patch in metres (120 px at 10 m)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mosaic_jax import atomic_files
+from data_builders import atomic_files
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import tensorflow_datasets as tfds
 
+from data_builders import atomic_files
 from data_builders.geotiff import PatchError
-from mosaic_jax import atomic_files
 
 if TYPE_CHECKING:
     from tensorflow_datasets.core.naming import ShardedFileTemplate

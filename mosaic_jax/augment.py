@@ -69,26 +69,30 @@ class AugmentConfig:
     brightness: float = 0.1
     contrast: float = 0.1
     sar_noise_db: float = 0.5
-    sar_offset_db: float = 0.0
+    sar_offset_db: float = 0.5
     sar_std_db: tuple[float, ...] | None = None
     share_spatial: bool = True
 
     def __post_init__(self) -> None:
-        lo, hi = self.crop_scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
-        rlo, rhi = self.crop_ratio
-        if not 0.0 < rlo <= rhi:
-            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
-        if self.out_size < 1:
-            raise ValueError(f"out_size must be positive, got {self.out_size}")
+        # Each message starts with the field's name: `validate_config` names the config key.
+        if isinstance(self.out_size, bool) or not isinstance(self.out_size, int) \
+                or self.out_size < 1:
+            raise ValueError(f"out_size must be a positive integer, got {self.out_size!r}")
+        for name in ("crop_scale", "crop_ratio"):
+            value = tuple(getattr(self, name))
+            if len(value) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                          for v in value) or not 0.0 < value[0] <= value[1]:
+                raise ValueError(f"{name} must be (min, max) with 0 < min <= max, got {value}")
+            object.__setattr__(self, name, (float(value[0]), float(value[1])))
+        if self.crop_scale[1] > 1.0:
+            raise ValueError(f"crop_scale max must be <= 1, got {self.crop_scale}")
         for name in ("brightness", "contrast", "sar_noise_db", "sar_offset_db"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.sar_std_db is not None:
             object.__setattr__(self, "sar_std_db", tuple(float(s) for s in self.sar_std_db))
-        object.__setattr__(self, "crop_scale", (float(lo), float(hi)))
-        object.__setattr__(self, "crop_ratio", (float(rlo), float(rhi)))
 
 
 def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:

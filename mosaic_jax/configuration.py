@@ -9,14 +9,16 @@ already rejected by ml_collections' config flags.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
+import jax
 import ml_collections
 
-from mosaic_jax import objectives
-
-DATASETS = {"bigearthnet_v2": 19, "sen12ms": 10}
+from data_builders import datasets
+from mosaic_jax import augment, bands, objectives
+from mosaic_jax.models import ENCODER_NAMES
 
 
 def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
@@ -39,11 +41,11 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "bigearthnet_v2"
     c.data.data_dir = "~/tensorflow_datasets"
-    c.data.num_classes = 19
     c.data.train_split = "train"
     c.data.eval_split = "validation"
-    c.data.s1_bands = "s1"               # VV, VH
-    c.data.s2_bands = "s2_10"            # B02 B03 B04 B05 B06 B07 B08 B8A B11 B12 (official)
+    # VV, VH and B02 B03 B04 B05 B06 B07 B08 B8A B11 B12 (the official recipe)
+    c.data.s1_bands = datasets.get(c.data.name).default_bands["s1"]
+    c.data.s2_bands = datasets.get(c.data.name).default_bands["s2"]
     c.data.train_fraction = 0.1          # the paper's low-data protocol
     c.data.label_fraction = 1.0          # of the kept training patches, those with labels
     c.data.subset_seed = 0
@@ -53,18 +55,10 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.data.demo_num_patches = 600
     c.data.demo_seed = 0
 
-    c.augment = ml_collections.ConfigDict()
-    c.augment.out_size = 120
-    c.augment.crop_scale = (0.3, 1.0)
-    c.augment.crop_ratio = (3 / 4, 4 / 3)
-    c.augment.hflip = True
-    c.augment.vflip = True
-    c.augment.rot90 = True
-    c.augment.brightness = 0.1
-    c.augment.contrast = 0.1
-    c.augment.sar_noise_db = 0.5
-    c.augment.sar_offset_db = 0.5
-    c.augment.share_spatial = True
+    # The AugmentConfig defaults (sar_std_db comes from the dataset's statistics).
+    c.augment = ml_collections.ConfigDict(
+        {f.name: f.default for f in dataclasses.fields(augment.AugmentConfig)
+         if f.name != "sar_std_db"})
 
     c.model = ml_collections.ConfigDict()
     c.model.kind = "two_tower"           # or "single_tower"
@@ -125,7 +119,6 @@ def apply_args(c: ml_collections.ConfigDict, args: tuple[str, ...]) -> ml_collec
         if "demo" in args:
             raise ValueError("the demo uses synthetic BigEarthNet v2 data; drop 'sen12ms'")
         c.data.name = "sen12ms"
-        c.data.num_classes = DATASETS["sen12ms"]
         c.data.eval_split = "validation"
         c.augment.out_size = 128         # random crops of the 256 px patches
     if "demo" in args:
@@ -176,8 +169,12 @@ def _walk(config: ml_collections.ConfigDict, prefix: str = ""):
             yield path, value
 
 
+class ConfigError(ValueError):
+    """An unknown or invalid config key; the message names it."""
+
+
 def _fail(key: str, message: str) -> None:
-    raise ValueError(f"config key '{key}': {message}")
+    raise ConfigError(f"config key '{key}': {message}")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -205,7 +202,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _number(f"loss.weights.{key}", weight, minimum=0.0)
 
     for key in ("batch_size", "num_train_steps", "eval_batch_size", "log_every_steps",
-                "keep_checkpoints", "augment.out_size", "model.proj_hidden_dim",
+                "keep_checkpoints", "model.proj_hidden_dim",
                 "model.proj_dim", "data.demo_num_patches"):
         _integer(key, values[key], minimum=1)
     for key in ("eval_every_steps", "eval_max_batches", "checkpoint_every_steps",
@@ -215,9 +212,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("loss.t_intra", "loss.t_inter", "loss.t_sup", "optimizer.learning_rate",
                 "model.width_multiplier"):
         _number(key, values[key], minimum=0.0, strict=True)
-    for key in ("optimizer.weight_decay", "optimizer.grad_clip_norm", "augment.brightness",
-                "augment.contrast", "augment.sar_noise_db", "augment.sar_offset_db",
-                "model.drop_path_rate"):
+    for key in ("optimizer.weight_decay", "optimizer.grad_clip_norm", "model.drop_path_rate"):
         _number(key, values[key], minimum=0.0)
     for key in ("optimizer.b1", "optimizer.b2", "optimizer.momentum", "model.bn_momentum"):
         _number(key, values[key], minimum=0.0, maximum=1.0)
@@ -236,10 +231,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(config.init_from, str):
         _fail("init_from", f"must be a workdir path or '', got {config.init_from!r}")
 
-    _choice("data.name", config.data.name, DATASETS)
-    if config.data.num_classes != DATASETS[config.data.name]:
-        _fail("data.num_classes", f"{config.data.name} has {DATASETS[config.data.name]} "
-              f"classes, got {config.data.num_classes}")
+    _choice("data.name", config.data.name, datasets.DATASETS)
     _choice("model.kind", config.model.kind, ("two_tower", "single_tower"))
     _choice("model.inputs", config.model.inputs, ("s1", "s2", "s1s2"))
     _choice("model.stem", config.model.stem, ("standard", "iai"))
@@ -250,8 +242,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.loss.inter_view == "third" and "inter" not in terms:
         _fail("loss.inter_view", f"'third' feeds the inter-modal term, which objective "
               f"{objective} does not have; use 'shared'")
-    from mosaic_jax.models import ENCODER_NAMES
-
     for key in ("model.s1_encoder", "model.s2_encoder", "model.encoder"):
         _choice(key, values[key], ENCODER_NAMES)
     if config.model.stem == "iai":
@@ -269,21 +259,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if objective in objectives.SUPERVISED and config.data.label_fraction == 0:
         _fail("data.label_fraction", f"objective {objective} needs labels (> 0)")
 
-    from mosaic_jax import bands
-
     for key, modality in (("data.s1_bands", "s1"), ("data.s2_bands", "s2")):
         try:
             bands.band_stats(config.data.name, modality, values[key])
         except ValueError as e:
             _fail(key, str(e))
-    for key, value in (("augment.crop_scale", config.augment.crop_scale),
-                       ("augment.crop_ratio", config.augment.crop_ratio)):
-        if len(value) != 2 or not all(map(math.isfinite, value)) or not 0 < value[0] <= value[1]:
-            _fail(key, f"must be (min, max) with 0 < min <= max, got {value}")
-    if config.augment.crop_scale[1] > 1:
-        _fail("augment.crop_scale", f"max must be <= 1, got {config.augment.crop_scale}")
-
-    import jax
+    try:
+        augment.AugmentConfig(**config.augment)
+    except ValueError as e:  # its messages start with the field's name
+        _fail(f"augment.{str(e).split()[0]}", str(e))
 
     devices = jax.device_count()
     if config.batch_size % devices:
@@ -314,3 +298,8 @@ def _number(key: str, value: Any, *, minimum: float, maximum: float | None = Non
 def _choice(key: str, value: Any, valid) -> None:
     if value not in valid:
         _fail(key, f"{value!r} is not one of {', '.join(map(str, valid))}")
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+    """Number of classes of the config's dataset (`data.name`), from the dataset registry."""
+    return datasets.get(config.data.name).num_classes

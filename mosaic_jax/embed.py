@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mosaic_jax import atomic_files
+from data_builders import atomic_files
 
 
 def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | None = None,

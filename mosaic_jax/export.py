@@ -198,32 +198,20 @@ def resnet_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     return out
 
 
-def _native_size(dataset: str) -> int | None:
-    """Side in pixels of the dataset's stored patches (what the eval pipeline yields)."""
-    try:
-        if dataset == "bigearthnet_v2":
-            from data_builders.bigearthnet_v2 import PATCH_SIZE
-        elif dataset == "sen12ms":
-            from data_builders.sen12ms import PATCH_SIZE
-        else:
-            return None
-    except ImportError:
-        return None
-    return int(PATCH_SIZE)
-
-
 def _input_spec(config: Any) -> dict[str, Any]:
     """Bands, normalisation and units of both modalities (``model.json["inputs"]``)."""
+    from data_builders import datasets  # (export side: see the module docstring)
     from mosaic_jax import bands
 
+    facts = datasets.get(config.data.name)
     d, m = config.data, config.model
     used = {"s1", "s2"} if m.kind == "two_tower" or m.inputs == "s1s2" else {m.inputs}
     spec = {}
     for modality, setting in (("s1", d.s1_bands), ("s2", d.s2_bands)):
         names = bands.resolve_bands(setting, d.name, modality)
         bands.band_stats(d.name, modality, names)  # ValueError for bands without statistics
-        stats = bands.STATS[d.name][modality]  # the published values, not float32 roundings
-        clip = bands.S1_CLIP_DB[d.name] if modality == "s1" else None
+        stats = facts.band_stats[modality]  # the published values, not float32 roundings
+        clip = facts.s1_clip_db if modality == "s1" else None
         units = ("dB (backscatter)" if modality == "s1" else
                  "L2A reflectance x 10000" if d.name == "bigearthnet_v2" else
                  "L1C reflectance x 10000")
@@ -256,9 +244,9 @@ def make_embed_fn(config: Any, variables: Mapping[str, Any], input_size: int
     both to ``config.augment.out_size`` and applies the model in eval mode with ``variables``
     closed over (so they become constants when traced).
     """
-    from mosaic_jax import augment, train
+    from mosaic_jax import augment, models
 
-    model = train.create_model(config)
+    model = models.create_model(config)
     size = int(config.augment.out_size)
     two = config.model.kind == "two_tower"
     if two:
@@ -275,7 +263,7 @@ def make_embed_fn(config: Any, variables: Mapping[str, Any], input_size: int
             raise ValueError(f"inputs must be {input_size} x {input_size} pixels")
         s1 = augment.center_resize(s1, size)
         s2 = augment.center_resize(s2, size)
-        out, _ = train.model_outputs(model, variables, config, s1, s2, train=False)
+        out, _ = models.apply_model(model, variables, config, s1, s2, train=False)
         probs = jax.nn.sigmoid(out["logits"].astype(jnp.float32))
         if two:
             return {"embedding": out["h_fused"], "h_s1": out["h_s1"], "h_s2": out["h_s2"],
@@ -289,10 +277,10 @@ def export_embedder(config: Any, variables: Mapping[str, Any], input_size: int,
                     platforms: Sequence[str] = ("cpu", "cuda", "tpu")
                     ) -> tuple[jax.export.Exported, dict[str, str]]:
     """``jax.export`` of `make_embed_fn` with a symbolic batch size ``b``."""
-    from mosaic_jax import train
+    from mosaic_jax import models
 
     fn, described = make_embed_fn(config, variables, input_size)
-    (_, _, c1), (_, _, c2) = train.input_shapes(config)
+    (_, _, c1), (_, _, c2) = models.input_shapes(config)
     (b,) = jax.export.symbolic_shape("b")
     args = (jax.ShapeDtypeStruct((b, input_size, input_size, c1), jnp.float32),
             jax.ShapeDtypeStruct((b, input_size, input_size, c2), jnp.float32))
@@ -345,16 +333,18 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
 
     import flax.serialization
 
-    from mosaic_jax import checkpoint_io
+    from data_builders import datasets
+    from mosaic_jax import checkpoints
     from mosaic_jax.models.towers import RESNET_DEPTHS, encoder_num_features
 
     output = os.path.abspath(os.path.expanduser(output))
     _check_output_dir(output)
-    run = checkpoint_io.restore_variables(workdir, step)
-    checkpoint_io.require_finite(run)
+    run = checkpoints.restore_variables(workdir, step)
+    checkpoints.require_finite(run)
     config = run.config
     d, m = config.data, config.model
-    size = int(input_size or _native_size(d.name) or config.augment.out_size)
+    facts = datasets.get(d.name)
+    size = int(input_size or facts.patch_size)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
@@ -416,8 +406,8 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
             "objective": config.objective,
             "dataset": d.name,
             "demo_data": bool(d.get("demo", False)),
-            "num_classes": int(d.num_classes),
-            "class_names": checkpoint_io.class_names(d.name, int(d.num_classes)),
+            "num_classes": facts.num_classes,
+            "class_names": list(facts.class_names),
             "model": m.to_dict(),
             "inputs": inputs,
             "normalization": "x_normalised = (clip(x) - mean) / std per band, in the units "
@@ -438,11 +428,11 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
             "embedding_keys": sorted(described),
             "params": {"file": PARAMS_FILE, "keys": ["params", "batch_stats"],
                        "format": "flax.serialization.to_bytes (msgpack)",
-                       "rebuild": "mosaic_jax.train.create_model(ml_collections.ConfigDict("
+                       "rebuild": "mosaic_jax.models.create_model(ml_collections.ConfigDict("
                                   "config.json)) with the same config"},
             "encoders": encoders,
         }
-        shutil.copyfile(os.path.join(run.workdir, checkpoint_io.CONFIG_FILE),
+        shutil.copyfile(os.path.join(run.workdir, checkpoints.CONFIG_FILE),
                         os.path.join(tmp, "config.json"))
         with open(os.path.join(tmp, MODEL_FILE), "w") as f:
             json.dump(info, f, indent=1)

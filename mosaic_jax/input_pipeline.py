@@ -395,8 +395,6 @@ class _Normalizer:
     """Band selection + normalisation of one example's s1/s2 into batch buffers."""
 
     def __init__(self, dataset: str, s1_bands: str | Sequence[str], s2_bands: str | Sequence[str]):
-        if dataset not in bands_lib.DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; expected one of {bands_lib.DATASETS}")
         self.dataset = dataset
         self.s1_bands = bands_lib.resolve_bands(s1_bands, dataset, "s1")
         self.s2_bands = bands_lib.resolve_bands(s2_bands, dataset, "s2")

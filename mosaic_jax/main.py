@@ -16,6 +16,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mosaic_jax import distributed, train
+from mosaic_jax.configuration import ConfigError
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
@@ -44,20 +47,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger("absl").addFilter(_OnlyWarningsFromLibraries())
-    from mosaic_jax import distributed, train
-    from mosaic_jax.configuration import validate_config
-
     distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
                            auto=FLAGS.multiprocess)
-
-    try:
-        validate_config(FLAGS.config)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    try:
+    try:  # validates the config first, naming a wrong key
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (FileNotFoundError, train.DivergenceError) as e:
+    except (ConfigError, FileNotFoundError, train.DivergenceError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -61,7 +61,7 @@ def _term_fns(hp: Mapping[str, Any], axis_name, out_inter: Outputs | None
               ) -> dict[str, Callable[..., jax.Array]]:
     """The term functions (a, b, labels, label_mask) -> scalar for the hyper-parameters `hp`."""
     t_intra, t_inter, t_sup = hp["t_intra"], hp["t_inter"], hp["t_sup"]
-    kw = dict(axis_name=axis_name, block_size=hp.get("block_size"))
+    kw = dict(axis_name=axis_name, block_size=hp.get("block_size") or None)
 
     def ntx(za, zb, tau):
         return losses.nt_xent(za, zb, temperature=tau, **kw)
@@ -117,8 +117,9 @@ def compute_objective(
       objective: a key of `OBJECTIVES`.
       out_a, out_b: model outputs for view a and view b of the same [n] samples.
       labels: [n, C] multi-hot; label_mask: [n] bool (False: unlabelled sample).
-      hp: hyper-parameters: ``weights`` (term -> weight; missing terms weigh 1), ``t_intra``,
-        ``t_inter``, ``t_sup`` (temperatures), ``mulsupcon_weighting``, optional ``block_size``.
+      hp: hyper-parameters, e.g. a config's ``loss`` section: ``weights`` (term -> weight;
+        missing terms weigh 1), ``t_intra``, ``t_inter``, ``t_sup`` (temperatures),
+        ``mulsupcon_weighting``, optional ``block_size`` (0 or None: the plain losses).
       axis_name: mapped batch axis (the losses then cover the global batch).
       out_inter: outputs of a third view of the same samples; when given, the ``inter`` term
         reads it alone instead of averaging over views a and b.

@@ -33,7 +33,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mosaic_jax import atomic_files
+from data_builders import atomic_files, datasets
+from mosaic_jax.checkpoints import CONFIG_FILE
 
 HEADLINE = (("macro_ap", "macro AP"), ("micro_ap", "micro AP"), ("macro_f1", "macro F1"),
             ("micro_f1", "micro F1"))
@@ -62,8 +63,6 @@ def _slug(text: str) -> str:
 
 def load_run(workdir: str, split: str = "validation") -> Run:
     """Reads a workdir's metrics (and config when present); FileNotFoundError naming it."""
-    from mosaic_jax.checkpoint_io import CONFIG_FILE, class_names
-
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist")
@@ -92,7 +91,9 @@ def load_run(workdir: str, split: str = "validation") -> Run:
         dataset = data.get("name", dataset)
         if data.get("demo"):
             dataset += " (demo)"
-    names = class_names(dataset.split(" ")[0], num_classes)
+    facts = datasets.DATASETS.get(dataset.split(" ")[0])
+    names = (list(facts.class_names) if facts and facts.num_classes == num_classes
+             else [f"class {i}" for i in range(num_classes)])
     tsne = os.path.join(workdir, f"tsne_{split}.png")
     return Run(workdir=workdir, method=objective or os.path.basename(workdir), dataset=dataset,
                split=split, metrics=metrics, class_names=names,

@@ -1,11 +1,12 @@
-"""The training program: model, optimizer, sharded train step, evaluation, checkpoints.
+"""The training program: optimizer, sharded train and eval steps, and the training loop.
 
-The core (`create_model`, `create_optimizer`, `init_state`, `make_train_step`,
-`make_eval_step`) is pure: arrays and pytrees in, arrays and pytrees out. `train_and_evaluate` is
-the edge that reads data, writes checkpoints, metrics and pictures.
+The core (`create_optimizer`, `init_state`, `make_train_step`, `make_eval_step`) is pure:
+arrays and pytrees in, arrays and pytrees out; the model comes from `mosaic_jax.models`
+(`create_model`). `train_and_evaluate` is the edge that reads data and writes checkpoints,
+metrics and pictures, in four named steps: set-up, restore-or-init, the loop, finish.
 
-One jitted step runs under `jax.shard_map` over a mesh with one `data` axis spanning all devices:
-each device augments and encodes its rows, the losses see the global batch through their
+One jitted step runs under `jax.shard_map` over a mesh with one `data` axis spanning all
+devices: each device augments and encodes its rows, the losses see the global batch through their
 `axis_name`, BatchNorm statistics are averaged over the axis (unless `model.sync_bn` is False),
 and `jax.grad` inside the map returns the exact global gradient (shard_map inserts the psum
 of the replicated parameters' cotangents), so the optimizer update is replicated.
@@ -13,11 +14,12 @@ of the replicated parameters' cotangents), so the optimizer update is replicated
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -28,13 +30,19 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mosaic_jax import atomic_files, augment, objectives
-from mosaic_jax.models import SingleTower, TwoTower
+from data_builders import atomic_files, datasets
+from mosaic_jax import augment, bands, checkpoints, objectives
+from mosaic_jax.configuration import validate_config
+from mosaic_jax.demo_data import prepare_demo_dataset
+from mosaic_jax.distributed import PreemptionWatcher
+from mosaic_jax.metrics import format_metrics_markdown, multilabel_metrics
+from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables
+from mosaic_jax.tsne_plot import plot_tsne
 
-DATA_AXIS = "data"
 Batch = Mapping[str, jax.Array]
 
 
@@ -50,35 +58,6 @@ class TrainState(flax.struct.PyTreeNode):
 
 # ----------------------------------------------------------------------------------------------
 # Model, optimizer, state
-
-
-def create_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The two-tower (S1, S2) or single-tower model that `config.model` describes."""
-    m = config.model
-    common = dict(width_multiplier=m.width_multiplier, stem=m.stem,
-                  proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim,
-                  num_classes=config.data.num_classes, dtype=jnp.dtype(m.dtype),
-                  bn_axis_name=DATA_AXIS if m.sync_bn else None, bn_momentum=m.bn_momentum,
-                  drop_path_rate=m.drop_path_rate, remat=m.remat)
-    if m.kind == "two_tower":
-        return TwoTower(s1_encoder=m.s1_encoder, s2_encoder=m.s2_encoder, **common)
-    return SingleTower(encoder=m.encoder, **common)
-
-
-def model_outputs(model: nn.Module, variables: Any, config: ml_collections.ConfigDict,
-                  s1: jax.Array, s2: jax.Array, *, train: bool, rng: jax.Array | None = None):
-    """Applies the model to an S1/S2 batch; returns (outputs dict, new batch_stats or None)."""
-    if config.model.kind == "two_tower":
-        args = (s1, s2)
-    else:
-        inputs = {"s1": s1, "s2": s2, "s1s2": None}[config.model.inputs]
-        args = (jnp.concatenate([s1, s2], axis=-1) if inputs is None else inputs,)
-    rngs = {"dropout": rng} if rng is not None else {}
-    if train:
-        out, updates = model.apply(variables, *args, train=True, mutable=["batch_stats"],
-                                   rngs=rngs)
-        return out, updates["batch_stats"]
-    return model.apply(variables, *args, train=False), None
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -119,41 +98,19 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     return tx
 
 
-def input_shapes(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Per-sample model input shapes (H, W, C) of S1 and S2 after augmentation."""
-    from mosaic_jax import bands
-
-    size = config.augment.out_size
-    c1 = len(bands.resolve_bands(config.data.s1_bands, config.data.name, "s1"))
-    c2 = len(bands.resolve_bands(config.data.s2_bands, config.data.name, "s2"))
-    return (size, size, c1), (size, size, c2)
-
-
 def init_state(config: ml_collections.ConfigDict, model: nn.Module,
                tx: optax.GradientTransformation) -> TrainState:
     """Initial parameters, BatchNorm statistics and optimizer state from `config.seed`."""
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-    (h, w, c1), (_, _, c2) = input_shapes(config)
-    s1, s2 = jnp.zeros((2, h, w, c1)), jnp.zeros((2, h, w, c2))
-    if config.model.kind == "two_tower":
-        args = (s1, s2)
-    else:
-        args = ({"s1": s1, "s2": s2, "s1s2": jnp.concatenate([s1, s2], -1)}[config.model.inputs],)
-    # Initialise outside any mapped axis: BatchNorm must not look for the `data` axis here.
-    init = jax.jit(model.clone(bn_axis_name=None).init, static_argnames="train")
-    variables = init({"params": init_rng, "dropout": dropout_rng}, *args, train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      rng=state_rng)
+    params_rng, dropout_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    variables = init_variables(config, model, params_rng=params_rng, dropout_rng=dropout_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"],
+                      opt_state=tx.init(variables["params"]), rng=state_rng)
 
 
 def adopt_pretrained_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` whose `model` section is the one of the `init_from` run."""
-    from mosaic_jax import checkpoint_io
-
-    pretrained = checkpoint_io.load_config(config.init_from)
+    pretrained = checkpoints.load_config(config.init_from)
     config = ml_collections.ConfigDict(config.to_dict())
     for key, value in pretrained.model.items():
         if key in config.model:
@@ -167,9 +124,7 @@ def load_pretrained(state: TrainState, workdir: str) -> TrainState:
     The classifier is always left as initialised (the downstream label set may differ); every
     other module must exist in the checkpoint with the same shapes, or ValueError names it.
     """
-    from mosaic_jax import checkpoint_io
-
-    restored = checkpoint_io.restore_variables(workdir).variables
+    restored = checkpoints.restore_variables(workdir).variables
     params, batch_stats = dict(state.params), dict(state.batch_stats)
     for name in params:
         if name == "classifier":
@@ -188,25 +143,10 @@ def load_pretrained(state: TrainState, workdir: str) -> TrainState:
 
 
 def augment_config(config: ml_collections.ConfigDict) -> augment.AugmentConfig:
-    a = config.augment
-    sar_std = None
-    if config.data.name:
-        from mosaic_jax import bands
-
-        _, std = bands.band_stats(config.data.name, "s1", config.data.s1_bands)
-        sar_std = tuple(float(s) for s in std)
-    return augment.AugmentConfig(
-        out_size=a.out_size, crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
-        hflip=a.hflip, vflip=a.vflip, rot90=a.rot90, brightness=a.brightness,
-        contrast=a.contrast, sar_noise_db=a.sar_noise_db, sar_offset_db=a.sar_offset_db,
-        sar_std_db=sar_std, share_spatial=a.share_spatial)
-
-
-def loss_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    lc = config.loss
-    return dict(weights=dict(lc.weights), t_intra=lc.t_intra, t_inter=lc.t_inter,
-                t_sup=lc.t_sup, mulsupcon_weighting=lc.mulsupcon_weighting,
-                block_size=lc.block_size if lc.block_size > 0 else None)
+    """The `augment` section as an `AugmentConfig`, with the dataset's S1 std (dB noise is
+    drawn in dB and converted to normalised units)."""
+    _, std = bands.band_stats(config.data.name, "s1", config.data.s1_bands)
+    return augment.AugmentConfig(**config.augment, sar_std_db=tuple(float(x) for x in std))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +213,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     the bool `metrics[FINITE_KEY]` (loss, gradient norm and new state all finite).
     """
     objective = config.objective
-    hp = loss_hparams(config)
     aug = augment_config(config)
     schedule = learning_rate_schedule(config)
     sync_bn = config.model.sync_bn
@@ -297,14 +236,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
             # A linear probe reads frozen encoders in inference mode (running BN statistics).
-            out, batch_stats = model_outputs(model, variables, config, s1, s2,
-                                             train=config.train_mode != "linear_probe",
-                                             rng=drop_rng)
+            out, batch_stats = apply_model(model, variables, config, s1, s2,
+                                           train=config.train_mode != "linear_probe",
+                                           rng=drop_rng)
             batch_stats = state.batch_stats if batch_stats is None else batch_stats
             per_view = [jax.tree.map(lambda t, i=i: t[i * n:(i + 1) * n], out)
                         for i in range(num_views)]
             loss, terms = objectives.compute_objective(
-                objective, per_view[0], per_view[1], batch["labels"], batch["label_mask"], hp,
+                objective, per_view[0], per_view[1], batch["labels"], batch["label_mask"],
+                config.loss,
                 axis_name=DATA_AXIS, out_inter=per_view[2] if num_views == 3 else None)
             return loss, (terms, batch_stats)
 
@@ -341,7 +281,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model: nn.Module,
         s1 = augment.center_resize(batch["s1"], size)
         s2 = augment.center_resize(batch["s2"], size)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        out, _ = model_outputs(model, variables, config, s1, s2, train=False)
+        out, _ = apply_model(model, variables, config, s1, s2, train=False)
         return {"probs": jax.nn.sigmoid(out["logits"]), "embedding": out[embed_key]}
 
     return jax.jit(step, out_shardings=NamedSharding(mesh, P(DATA_AXIS)))
@@ -362,10 +302,9 @@ TRAIN_KEYS = ("s1", "s2", "labels", "label_mask")
 # The program (the edge: data, checkpoints, logs, files)
 
 
-def evaluate(config, state, eval_step, eval_ds, mesh, *, max_batches: int = 0):
+def evaluate(state: TrainState, eval_step: Callable, eval_ds: Any, mesh: jax.sharding.Mesh, *,
+             max_batches: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs the eval step over one pass of `eval_ds`; returns (probs, labels, embeddings)."""
-    from jax.experimental import multihost_utils
-
     probs, labels, embeddings = [], [], []
     for i, local in enumerate(eval_ds):
         if max_batches and i >= max_batches:
@@ -385,9 +324,6 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
                        embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
                        tsne_points: int) -> None:
     """JSON and markdown metrics, a t-SNE PNG, and a line in the eval history (process 0)."""
-    from mosaic_jax.metrics import format_metrics_markdown
-    from mosaic_jax.tsne_plot import plot_tsne
-
     record = {"step": step, "split": split, **metrics}
     atomic_files.write_atomic(os.path.join(workdir, f"metrics_{split}.json"),
                               json.dumps(record, indent=1))
@@ -420,62 +356,83 @@ def linear_probe_hint(config: ml_collections.ConfigDict, workdir: str) -> str | 
             f"--config.init_from={workdir} --workdir={workdir}_probe")
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the training loop works with; built once by `_set_up`."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    is_chief: bool
+    mesh: jax.sharding.Mesh
+    state: TrainState  # initialised (or pretrained) and replicated; replaced by a restore
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+    eval_step: Callable[[TrainState, Batch], dict[str, jax.Array]]
+    train_iter: Iterator[dict[str, np.ndarray]]  # a checkpointable Grain iterator
+    eval_ds: Any
+    manager: Any  # orbax.checkpoint.CheckpointManager
+    writer: Any  # clu.metric_writers.MetricWriter
+    progress: Callable[[int], None]
+    preemption: PreemptionWatcher
+    class_names: list[str]
+    steps_run: int = 0  # steps this invocation trained (after a resume: fewer than the total)
+    train_seconds: float = 0.0
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
 
     Returns the final evaluation metrics (also written to the workdir), or
     {"preempted_at_step": step} when a SIGTERM stopped the run after saving a checkpoint.
+    Raises ValueError for an invalid config (naming the key) and DivergenceError when a step
+    goes non-finite (nothing of it is saved).
     """
-    from mosaic_jax.distributed import PreemptionWatcher
-
+    if config.init_from and isinstance(config.init_from, str):
+        config = adopt_pretrained_model(config)
+    validate_config(config)
     # While the run lasts, SIGTERM asks for a checkpoint at the next step boundary.
     preemption = PreemptionWatcher()
     try:
-        return _train_and_evaluate(config, workdir, preemption)
+        run = _set_up(config, workdir, preemption)
+        try:
+            state, start_step = _restore_or_init(run)
+            state, preempted = _train(run, state, start_step)
+            if preempted:
+                return {"preempted_at_step": int(state.step)}
+            return _finish(run, state)
+        finally:
+            run.manager.close()
     finally:
         preemption.close()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        preemption: Any) -> dict[str, Any]:
-    import orbax.checkpoint as ocp
+def _set_up(config: ml_collections.ConfigDict, workdir: str,
+            preemption: PreemptionWatcher) -> _Run:
+    """Data, model, steps, checkpoint manager and metric writer of a run."""
+    # The train extra (Grain, clu): the core above imports without it, as on accelerator images.
     from clu import metric_writers, periodic_actions
-    from clu import metrics as clu_metrics
 
-    from mosaic_jax import checkpoint_io, input_pipeline
-    from mosaic_jax.configuration import validate_config
-    from mosaic_jax.metrics import multilabel_metrics
+    from mosaic_jax import input_pipeline
 
-    validate_config(config)
-    if config.init_from:
-        config = adopt_pretrained_model(config)
-        validate_config(config)
-    workdir = checkpoint_io.resolve_workdir(workdir)  # a URL (gs://bucket/runs/x) as given
+    workdir = checkpoints.resolve_workdir(workdir)  # a URL (gs://bucket/runs/x) as given
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     d = config.data
-
     data_dir = os.path.expanduser(d.data_dir)
     if d.demo:
-        from jax.experimental import multihost_utils
-
-        from mosaic_jax.demo_data import prepare_demo_dataset
-
         demo_root = os.path.join(workdir, "demo_data")
         if is_chief:
             prepare_demo_dataset(demo_root, num_patches=d.demo_num_patches, seed=d.demo_seed)
         multihost_utils.sync_global_devices("demo dataset prepared")
         data_dir = os.path.join(demo_root, "tfds")
-    train_source = input_pipeline.open_source(d.name, d.train_split, data_dir)
-    eval_source = input_pipeline.open_source(d.name, d.eval_split, data_dir)
     train_ds = input_pipeline.make_train_dataset(
-        train_source, dataset=d.name, global_batch_size=config.batch_size, seed=config.seed,
-        s1_bands=d.s1_bands, s2_bands=d.s2_bands, train_fraction=d.train_fraction,
-        label_fraction=d.label_fraction, subset_seed=d.subset_seed,
-        worker_count=d.worker_count, prefetch_buffer=d.prefetch_buffer)
+        input_pipeline.open_source(d.name, d.train_split, data_dir), dataset=d.name,
+        global_batch_size=config.batch_size, seed=config.seed, s1_bands=d.s1_bands,
+        s2_bands=d.s2_bands, train_fraction=d.train_fraction, label_fraction=d.label_fraction,
+        subset_seed=d.subset_seed, worker_count=d.worker_count,
+        prefetch_buffer=d.prefetch_buffer)
     eval_ds = input_pipeline.make_eval_dataset(
-        eval_source, dataset=d.name, global_batch_size=config.eval_batch_size,
-        s1_bands=d.s1_bands, s2_bands=d.s2_bands)
+        input_pipeline.open_source(d.name, d.eval_split, data_dir), dataset=d.name,
+        global_batch_size=config.eval_batch_size, s1_bands=d.s1_bands, s2_bands=d.s2_bands)
 
     mesh = make_mesh()
     model = create_model(config)
@@ -483,127 +440,140 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = init_state(config, model, tx)
     if config.init_from:
         state = load_pretrained(state, config.init_from)
-    replicated = NamedSharding(mesh, P())
-    state = jax.device_put(state, replicated)
-    train_step = make_train_step(config, model, tx, mesh)
-    eval_step = make_eval_step(config, model, mesh)
-    class_names = checkpoint_io.class_names(d.name, d.num_classes)
-
-    manager = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-    train_iter = iter(train_ds)
-    start_step = 0
-    if manager.latest_step() is not None:
-        latest = manager.latest_step()
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        restored = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        state = restored["state"]
-        train_iter.set_state(restored["data"])
-        start_step = int(state.step)
-        logging.info("Resumed from checkpoint at step %d in %s", start_step, workdir)
-        if is_chief:
-            print(f"Resuming from the checkpoint at step {start_step}.", flush=True)
-
-    if is_chief:  # what export, report and embedding tools rebuild the model from
-        atomic_files.write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=1))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=config.num_train_steps, writer=writer, every_secs=None,
+        every_steps=config.log_every_steps)
+    return _Run(config=config, workdir=workdir, is_chief=is_chief, mesh=mesh,
+                state=jax.device_put(state, NamedSharding(mesh, P())),
+                train_step=make_train_step(config, model, tx, mesh),
+                eval_step=make_eval_step(config, model, mesh), train_iter=iter(train_ds),
+                eval_ds=eval_ds, manager=checkpoints.open_manager(
+                    workdir, keep=config.keep_checkpoints),
+                writer=writer, progress=progress, preemption=preemption,
+                class_names=list(datasets.get(d.name).class_names))
+
+
+def _restore_or_init(run: _Run) -> tuple[TrainState, int]:
+    """The state to start from: the latest checkpoint's (and the input position), else the
+    initial one; writes `config.json` and, for a new run, the hyper-parameters."""
+    state, start_step = run.state, 0
+    latest = run.manager.latest_step()
+    if latest is not None:
+        state, data_state = checkpoints.restore(run.manager, latest, like=state)
+        run.train_iter.set_state(data_state)
+        start_step = int(state.step)
+        logging.info("Resumed from checkpoint at step %d in %s", start_step, run.workdir)
+        if run.is_chief:
+            print(f"Resuming from the checkpoint at step {start_step}.", flush=True)
+    if run.is_chief:
+        checkpoints.write_config(run.workdir, run.config)
     if start_step == 0:
-        writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
-    hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                             writer=writer, every_secs=None,
-                                             every_steps=config.log_every_steps)]
+        run.writer.write_hparams({k: str(v) for k, v in run.config.to_dict().items()})
+    return state, start_step
 
-    def save(step: int, force: bool = False) -> None:
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_iter.get_state())),
-            force=force)
 
-    def run_eval(step: int) -> dict[str, Any]:
-        probs, labels, emb = evaluate(config, state, eval_step, eval_ds, mesh,
-                                      max_batches=config.eval_max_batches)
-        metrics = multilabel_metrics(probs, labels)
-        if is_chief:
-            write_eval_outputs(workdir, d.eval_split, step, metrics, emb, labels, class_names,
-                               config.tsne_points)
-            writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()
-                                        if isinstance(v, float)})
-            print(f"step {step}: eval on {d.eval_split} ({metrics['num_samples']} patches): "
-                  f"macro AP {metrics['macro_ap']:.4f}, micro AP {metrics['micro_ap']:.4f}, "
-                  f"macro F1 {metrics['macro_f1']:.4f}, micro F1 {metrics['micro_f1']:.4f}",
-                  flush=True)
-        return metrics
+def _ensure_finite(run: _Run, step: int, metrics: Mapping[str, Any]) -> None:
+    """`check_finite`, after letting pending checkpoint writes finish."""
+    try:
+        check_finite(step, metrics, run.manager.latest_step(),
+                     checkpoints.checkpoint_dir(run.workdir))
+    except DivergenceError:
+        run.manager.wait_until_finished()
+        run.writer.flush()
+        raise
 
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
 
-    def ensure_finite(step: int, metrics: Mapping[str, Any]) -> None:
-        try:
-            check_finite(step, metrics, manager.latest_step(), checkpoint_dir)
-        except DivergenceError:
-            manager.wait_until_finished()
-            manager.close()
-            writer.flush()
-            raise
+def _save(run: _Run, state: TrainState, step: int, *, force: bool = False) -> None:
+    checkpoints.save(run.manager, step, state, run.train_iter.get_state(), force=force)
 
-    train_metrics = None  # clu.metrics collection of the steps since the last log line
-    unchecked = None  # (step, metrics) whose finiteness is read one step later: no stall
+
+def _train(run: _Run, state: TrainState, start_step: int) -> tuple[TrainState, bool]:
+    """Steps `start_step + 1 .. num_train_steps`: logs, checkpoints, periodic evaluations.
+
+    Every step's finiteness is read one step later (so the host never waits for the device) and
+    always before a checkpoint is saved. Returns (state, whether a SIGTERM stopped the run).
+    """
+    config = run.config
+    sums: dict[str, jax.Array] | None = None  # metrics summed since the last log line
+    count = 0
+    unchecked = None  # (step, metrics) whose finiteness is still to be read
     t0 = time.time()
     for step in range(start_step + 1, config.num_train_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = global_batch(next(train_iter), mesh, TRAIN_KEYS)
-            state, metrics = train_step(state, batch)
+            batch = global_batch(next(run.train_iter), run.mesh, TRAIN_KEYS)
+            state, metrics = run.train_step(state, batch)
         if unchecked is not None:
-            ensure_finite(*unchecked)
+            _ensure_finite(run, *unchecked)
         unchecked = (step, metrics)
-        metrics = {k: v for k, v in metrics.items() if k != FINITE_KEY}
-        if train_metrics is None:
-            collection = clu_metrics.Collection.create(
-                **{k: clu_metrics.Average.from_output(k) for k in metrics})
-            train_metrics = collection.single_from_model_output(**metrics)
-        else:
-            train_metrics = train_metrics.merge(
-                train_metrics.single_from_model_output(**metrics))
-        for hook in hooks:
-            hook(step)
+        scalars = {k: v for k, v in metrics.items() if k != FINITE_KEY}
+        sums = scalars if sums is None else jax.tree.map(jnp.add, sums, scalars)
+        count += 1
+        run.steps_run += 1
+        run.train_seconds = time.time() - t0
+        run.progress(step)
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
-            summary = {k: float(v) for k, v in train_metrics.compute().items()}
-            train_metrics = None
-            writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+            run.writer.write_scalars(step, {f"train/{k}": float(v) / count
+                                            for k, v in sums.items()})
+            sums, count = None, 0
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-            ensure_finite(*unchecked)
-            save(step)
-        if step < config.num_train_steps and preemption.should_stop():
-            ensure_finite(*unchecked)
-            if manager.latest_step() != step:
-                save(step, force=True)
-            manager.wait_until_finished()
-            manager.close()
-            writer.flush()
-            if is_chief:
+            _ensure_finite(run, *unchecked)
+            _save(run, state, step)
+        if step < config.num_train_steps and run.preemption.should_stop():
+            _ensure_finite(run, *unchecked)
+            if run.manager.latest_step() != step:
+                _save(run, state, step, force=True)
+            run.manager.wait_until_finished()
+            run.writer.flush()
+            if run.is_chief:
                 print(f"Preempted (SIGTERM): saved the checkpoint of step {step}; run the same "
                       "command again to resume.", flush=True)
-            return {"preempted_at_step": step}
+            return state, True
         if (config.eval_every_steps and step % config.eval_every_steps == 0
                 and step != config.num_train_steps):
-            run_eval(step)
+            _evaluate_and_write(run, state, step)
     if unchecked is not None:
-        ensure_finite(*unchecked)
+        _ensure_finite(run, *unchecked)
+    return state, False
+
+
+def _evaluate_and_write(run: _Run, state: TrainState, step: int) -> dict[str, Any]:
+    """Evaluates on `data.eval_split`; writes the metrics files, scalars and the t-SNE."""
+    config, split = run.config, run.config.data.eval_split
+    probs, labels, emb = evaluate(state, run.eval_step, run.eval_ds, run.mesh,
+                                  max_batches=config.eval_max_batches)
+    metrics = multilabel_metrics(probs, labels)
+    if run.is_chief:
+        write_eval_outputs(run.workdir, split, step, metrics, emb, labels, run.class_names,
+                           config.tsne_points)
+        run.writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()
+                                        if isinstance(v, float)})
+        print(f"step {step}: eval on {split} ({metrics['num_samples']} patches): "
+              f"macro AP {metrics['macro_ap']:.4f}, micro AP {metrics['micro_ap']:.4f}, "
+              f"macro F1 {metrics['macro_f1']:.4f}, micro F1 {metrics['micro_f1']:.4f}",
+              flush=True)
+    return metrics
+
+
+def _finish(run: _Run, state: TrainState) -> dict[str, Any]:
+    """The final checkpoint and evaluation, and the closing lines."""
     final_step = int(state.step)
-    if manager.latest_step() != final_step:
-        save(final_step, force=True)
-    manager.wait_until_finished()
-    metrics = run_eval(final_step)
-    writer.flush()
-    if is_chief:
+    if run.manager.latest_step() != final_step:
+        _save(run, state, final_step, force=True)
+    run.manager.wait_until_finished()
+    metrics = _evaluate_and_write(run, state, final_step)
+    run.writer.flush()
+    if run.is_chief:
         chance = metrics["label_frequency_macro_ap"]
         verdict = ("clearly above" if metrics["macro_ap"] > chance + 0.1 else
                    "NOT clearly above")
-        print(f"Done: {final_step} steps in {time.time() - t0:.0f} s. Final macro AP "
-              f"{metrics['macro_ap']:.4f} is {verdict} the {chance:.4f} that label frequencies "
-              f"alone give. Outputs in {workdir}", flush=True)
-        hint = linear_probe_hint(config, workdir)
+        resumed = (f" ({run.steps_run} of them in this run)"
+                   if run.steps_run != final_step else "")
+        print(f"Done: {final_step} steps{resumed} in {run.train_seconds:.0f} s. Final macro AP "
+              f"{metrics['macro_ap']:.4f} is {verdict} the "
+              f"{chance:.4f} that label frequencies alone give. Outputs in {run.workdir}",
+              flush=True)
+        hint = linear_probe_hint(run.config, run.workdir)
         if hint:
             print(hint, flush=True)
-    manager.close()
     return metrics

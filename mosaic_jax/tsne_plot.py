@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mosaic_jax import atomic_files
+from data_builders import atomic_files
 
 __all__ = ["plot_tsne", "dominant_label"]
 

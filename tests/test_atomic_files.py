@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from mosaic_jax import atomic_files
+from data_builders import atomic_files
 
 
 def test_write_replaces_whole_file_with_plain_permissions(tmp_path):

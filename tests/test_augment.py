@@ -14,7 +14,7 @@ import pytest
 from mosaic_jax import augment as A
 
 H = 16
-NOPHOTO = dict(brightness=0.0, contrast=0.0, sar_noise_db=0.0)
+NOPHOTO = dict(brightness=0.0, contrast=0.0, sar_noise_db=0.0, sar_offset_db=0.0)
 
 
 def coord_images(b: int, h: int, w: int, c1: int = 2, c2: int = 5) -> tuple[np.ndarray, ...]:
@@ -212,7 +212,7 @@ def test_sar_noise_statistics():
     sigma, std_db = 1.5, (5.0, 2.5)
     cfg = A.AugmentConfig(out_size=32, crop_scale=(1.0, 1.0), hflip=False, vflip=False,
                           rot90=False, brightness=0.0, contrast=0.0, sar_noise_db=sigma,
-                          sar_std_db=std_db)
+                          sar_offset_db=0.0, sar_std_db=std_db)
     x = jnp.zeros((16, 32, 32, 2))
     y = np.asarray(A.augment_single(jax.random.key(0), x, cfg, "s1"))
     for c in range(2):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE
 
-from mosaic_jax import augment, bands, checkpoint_io, export, train
+from mosaic_jax import augment, bands, checkpoints, export, models, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def out(exported_dir):
 
 @pytest.fixture(scope="module")
 def restored(workdir):
-    return checkpoint_io.restore_variables(workdir)
+    return checkpoints.restore_variables(workdir)
 
 
 def _inputs(info, n, seed=0):
@@ -42,11 +42,11 @@ def _inputs(info, n, seed=0):
 def _model_outputs(run, s1, s2):
     """The training program's eval transform and model, applied directly (one jit)."""
     config = run.config
-    model = train.create_model(config)
+    model = models.create_model(config)
     size = config.augment.out_size
 
     def apply(variables, a, b):
-        out, _ = train.model_outputs(model, variables, config, augment.center_resize(a, size),
+        out, _ = models.apply_model(model, variables, config, augment.center_resize(a, size),
                                      augment.center_resize(b, size), train=False)
         return out
 
@@ -323,7 +323,7 @@ def test_export_of_a_workdir_without_checkpoint_names_it(workdir, tmp_path, caps
     assert e.value.code == 2 and str(empty) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        checkpoint_io.latest_step(tmp_path / "missing")
+        checkpoints.latest_step(tmp_path / "missing")
 
 
 def test_export_replaces_a_previous_export_but_no_other_folder(workdir, tmp_path):
@@ -341,16 +341,16 @@ def test_export_replaces_a_previous_export_but_no_other_folder(workdir, tmp_path
     assert os.listdir(foreign) == ["notes.txt"]
 
 
-def test_checkpoint_io_restores_every_step(workdir):
-    assert checkpoint_io.checkpoint_steps(workdir) == [3, 6]
-    early = checkpoint_io.restore_variables(workdir, 3)
-    late = checkpoint_io.restore_variables(workdir)
+def test_checkpoints_restores_every_step(workdir):
+    assert checkpoints.checkpoint_steps(workdir) == [3, 6]
+    early = checkpoints.restore_variables(workdir, 3)
+    late = checkpoints.restore_variables(workdir)
     assert early.step == 3 and late.step == 6
     a = jax.tree.leaves(early.variables["params"])
     b = jax.tree.leaves(late.variables["params"])
     assert any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 4"):
-        checkpoint_io.restore_variables(workdir, 4)
+        checkpoints.restore_variables(workdir, 4)
     assert jnp.asarray(a[0]).dtype == jnp.float32
 
 
@@ -360,7 +360,7 @@ def _untrained_workdir(path, config, poison=None):
     parameter name ("bias", ...) whose first array gets a NaN, as after a divergence."""
     import orbax.checkpoint as ocp
 
-    model = train.create_model(config)
+    model = models.create_model(config)
     tx = train.create_optimizer(config)
     shapes = jax.eval_shape(lambda: train.init_state(config, model, tx))
     rng = np.random.default_rng(0)
@@ -425,7 +425,7 @@ def test_single_tower_resnet50_export(tmp_path):
     assert enc["architecture"] == "resnet50" and enc["maxpool"] is True and enc["fc"] is True
     assert enc["bands"] == info["inputs"]["s1"]["bands"] + info["inputs"]["s2"]["bands"]
 
-    run = checkpoint_io.restore_variables(workdir)
+    run = checkpoints.restore_variables(workdir)
     s1, s2 = _inputs(info, 2, seed=11)
     ref = _model_outputs(run, s1, s2)
     got = export.load_embedder(out)(s1, s2)
@@ -453,7 +453,7 @@ def test_convnext_export_has_the_embedder_and_params_but_no_torchvision_files(tm
     assert info["encoders"] == {}
     assert info["model"]["encoder"] == "convnextv2_base"
 
-    run = checkpoint_io.restore_variables(workdir)
+    run = checkpoints.restore_variables(workdir)
     s1, s2 = _inputs(info, 3, seed=12)
     ref = _model_outputs(run, s1, s2)
     got = export.load_embedder(out)(s1, s2)
@@ -475,7 +475,7 @@ def test_restore_reads_everything_when_orbax_has_no_partial_restore(workdir, res
         raise TypeError("unexpected keyword argument 'partial_restore'")
 
     monkeypatch.setattr(ocp.args, "PyTreeRestore", no_partial)
-    again = checkpoint_io.restore_variables(workdir)
+    again = checkpoints.restore_variables(workdir)
     for a, b in zip(jax.tree.leaves(again.variables), jax.tree.leaves(restored.variables),
                     strict=True):
         np.testing.assert_array_equal(a, b)
@@ -488,7 +488,7 @@ def test_load_config_gives_keys_added_since_the_run_their_defaults(tmp_path):
     del config["model"]["remat"], config["loss"]["inter_view"]
     config["model"]["width_multiplier"] = 0.5
     (tmp_path / "config.json").write_text(json.dumps(config))
-    loaded = checkpoint_io.load_config(tmp_path)
+    loaded = checkpoints.load_config(tmp_path)
     assert loaded.model.remat is False and loaded.loss.inter_view == "shared"
     assert loaded.model.width_multiplier == 0.5 and loaded.objective == "iai_simclr"
     assert loaded.loss.t_inter == 0.5 and loaded.data.demo is True
@@ -509,7 +509,7 @@ def test_export_and_loader_refuse_non_finite_parameters(tmp_path, monkeypatch, c
     assert e.value.code == 2 and "non-finite" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     # An export written before this check (or by hand) is refused when loaded.
-    monkeypatch.setattr(checkpoint_io, "require_finite", lambda run: None)
+    monkeypatch.setattr(checkpoints, "require_finite", lambda run: None)
     export.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
     with pytest.raises(ValueError, match="non-finite .*diverged"):
         export.load_embedder(tmp_path / "out")

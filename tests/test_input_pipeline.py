@@ -81,7 +81,7 @@ def test_bigearthnet_band_selection_by_name():
     s2 = np.broadcast_to(np.arange(12, dtype=np.uint16) * 100 + 1000, (2, 2, 12))
     names = ["B12", "B02", "B8A"]
     out = bands.normalize(s2, BEN, "s2", names)
-    stored = bands.STORED_BANDS[BEN]["s2"]
+    stored = bands.stored_bands(BEN, "s2")
     for j, b in enumerate(names):
         k = stored.index(b)
         np.testing.assert_allclose(out[0, 0, j], (1000 + 100 * k - BEN_S2_MEAN[k]) / BEN_S2_STD[k],

@@ -56,10 +56,10 @@ def _finish(proc, timeout=600):
 
 
 def _params(workdir, step=STEPS):
-    from mosaic_jax import checkpoint_io
+    from mosaic_jax import checkpoints
 
     # Restored onto one local device, whatever topology wrote the checkpoint.
-    variables = checkpoint_io.restore_variables(workdir, step).variables
+    variables = checkpoints.restore_variables(workdir, step).variables
     return [np.asarray(x) for x in jax.tree.leaves(variables["params"])]
 
 

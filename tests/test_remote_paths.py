@@ -19,7 +19,7 @@ from etils import epath
 from etils.epath import backend as backend_lib
 from etils.epath import gpath, register
 
-from mosaic_jax import checkpoint_io
+from mosaic_jax import checkpoints
 from mosaic_jax import input_pipeline as ip
 
 BUCKET = "gs://bucket"
@@ -72,6 +72,10 @@ def bucket(tmp_path, monkeypatch) -> Iterator[str]:
             return backend if self._uri_scheme == "gs" else super()._backend
 
     monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "gs://", FakeGcsPath)
+    # Orbax asks the GCS API whether a bucket has a hierarchical namespace; the fake is flat.
+    from orbax.checkpoint._src.path import gcs_utils
+
+    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -87,7 +91,7 @@ def test_fake_bucket_is_used(bucket):
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoint_io on a remote workdir
+# checkpoints on a remote workdir
 
 
 def _step(root: str, name: str, *, committed: bool) -> None:
@@ -96,7 +100,7 @@ def _step(root: str, name: str, *, committed: bool) -> None:
         open(os.path.join(root, "checkpoints", name, "commit_success.txt"), "w").close()
 
 
-def test_checkpoint_io_on_remote_workdir(bucket):
+def test_checkpoints_on_remote_workdir(bucket):
     run = os.path.join(bucket, "runs", "x")
     _step(run, "3", committed=True)
     _step(run, "6", committed=True)
@@ -107,32 +111,32 @@ def test_checkpoint_io_on_remote_workdir(bucket):
         json.dump({"seed": 7, "model": {"kind": "two_tower"}}, f)
 
     url = f"{BUCKET}/runs/x"
-    assert checkpoint_io.resolve_workdir(url) == url
-    assert checkpoint_io.checkpoint_steps(url) == [3, 6]
-    assert checkpoint_io.latest_step(url) == 6
-    config = checkpoint_io.load_config(url)
+    assert checkpoints.resolve_workdir(url) == url
+    assert checkpoints.checkpoint_steps(url) == [3, 6]
+    assert checkpoints.latest_step(url) == 6
+    config = checkpoints.load_config(url)
     assert config.seed == 7 and config.model.kind == "two_tower"
 
     with pytest.raises(FileNotFoundError, match="gs://bucket/runs/nothing"):
-        checkpoint_io.latest_step(f"{BUCKET}/runs/nothing")
+        checkpoints.latest_step(f"{BUCKET}/runs/nothing")
     os.makedirs(os.path.join(bucket, "runs", "empty"))
-    assert checkpoint_io.checkpoint_steps(f"{BUCKET}/runs/empty") == []
+    assert checkpoints.checkpoint_steps(f"{BUCKET}/runs/empty") == []
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
-        checkpoint_io.latest_step(f"{BUCKET}/runs/empty")
+        checkpoints.latest_step(f"{BUCKET}/runs/empty")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        checkpoint_io.load_config(f"{BUCKET}/runs/empty")
+        checkpoints.load_config(f"{BUCKET}/runs/empty")
 
 
-def test_checkpoint_io_local_paths_unchanged(tmp_path, monkeypatch):
+def test_checkpoints_local_paths_unchanged(tmp_path, monkeypatch):
     run = str(tmp_path / "run")
     _step(run, "3", committed=False)  # locally orbax renames a finished step: no commit file
     _step(run, "5.orbax-checkpoint-tmp-1", committed=False)
-    assert checkpoint_io.checkpoint_steps(run) == [3]
+    assert checkpoints.checkpoint_steps(run) == [3]
     monkeypatch.chdir(tmp_path)
-    assert checkpoint_io.resolve_workdir("run") == run
-    assert checkpoint_io.latest_step("run") == 3
+    assert checkpoints.resolve_workdir("run") == run
+    assert checkpoints.latest_step("run") == 3
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert checkpoint_io.resolve_workdir("~/run") == run
+    assert checkpoints.resolve_workdir("~/run") == run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +202,8 @@ def test_open_source_on_remote_data_dir(bucket):
 
 @pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
 def test_eval_outputs_accumulate(bucket, tmp_path, remote):
-    from mosaic_jax import atomic_files, train
+    from data_builders import atomic_files
+    from mosaic_jax import train
     from mosaic_jax.metrics import multilabel_metrics
 
     if remote:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import program_config, tiny
 
-from mosaic_jax import checkpoint_io, configuration, train
+from mosaic_jax import checkpoints, configuration, models, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
@@ -27,8 +27,8 @@ def load_config(name, arg="demo"):
 
 def random_batch(config, n, seed=0, size=24):
     rng = np.random.default_rng(seed)
-    (_, _, c1), (_, _, c2) = train.input_shapes(config)
-    labels = rng.random((n, config.data.num_classes)) < 0.3
+    (_, _, c1), (_, _, c2) = models.input_shapes(config)
+    labels = rng.random((n, configuration.num_classes(config))) < 0.3
     labels[:, 0] |= ~labels.any(axis=1)
     # Learnable signal: channel 0 of S2 carries the first label.
     s2 = rng.normal(size=(n, size, size, c2)).astype(np.float32)
@@ -39,7 +39,7 @@ def random_batch(config, n, seed=0, size=24):
 
 def setup(config, devices=None):
     mesh = train.make_mesh(devices)
-    model = train.create_model(config)
+    model = models.create_model(config)
     tx = train.create_optimizer(config)
     state = train.init_state(config, model, tx)
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -106,7 +106,7 @@ def test_third_view_feeds_the_inter_term_and_matches_an_independent_forward():
                                   local["s2"][i:i + 1], aug, 3) for i in range(n)]
     v1 = jnp.concatenate([v[0] for v in views], axis=1)  # [3, n, o, o, c1]
     v2 = jnp.concatenate([v[1] for v in views], axis=1)
-    model = train.create_model(config)
+    model = models.create_model(config)
     out, _ = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
         {"params": before.params, "batch_stats": before.batch_stats},
         v1.reshape(3 * n, *v1.shape[2:]), v2.reshape(3 * n, *v2.shape[2:]))
@@ -137,14 +137,14 @@ def test_third_view_costs_half_as_much_again():
 def _compile_step(config, devices=None, lower_only=False):
     """The train step compiled ahead of time (or only lowered) for abstract state and batch."""
     mesh = train.make_mesh(devices)
-    model = train.create_model(config)
+    model = models.create_model(config)
     tx = train.create_optimizer(config)
     state = jax.eval_shape(lambda: train.init_state(config, model, tx))
-    shapes = train.input_shapes(config)
+    shapes = models.input_shapes(config)
     b = config.batch_size
     batch = {"s1": jax.ShapeDtypeStruct((b, 24, 24, shapes[0][-1]), jnp.float32),
              "s2": jax.ShapeDtypeStruct((b, 24, 24, shapes[1][-1]), jnp.float32),
-             "labels": jax.ShapeDtypeStruct((b, config.data.num_classes), jnp.float32),
+             "labels": jax.ShapeDtypeStruct((b, configuration.num_classes(config)), jnp.float32),
              "label_mask": jax.ShapeDtypeStruct((b,), jnp.bool_)}
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -255,7 +255,7 @@ def test_command_line_rejects_unknown_key_and_missing_dataset(tmp_path):
 
 
 def _state_of(workdir, step):
-    return checkpoint_io.restore_variables(workdir, step).variables
+    return checkpoints.restore_variables(workdir, step).variables
 
 
 def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, trained_workdir, tmp_path,
@@ -283,7 +283,7 @@ def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, trained_workd
 def test_load_pretrained_copies_encoders_and_heads_but_not_the_classifier(trained_workdir):
     workdir, _ = trained_workdir
     config = program_config("unused")
-    model = train.create_model(config)
+    model = models.create_model(config)
     tx = train.create_optimizer(config)
     fresh = train.init_state(config, model, tx)
     loaded = train.load_pretrained(fresh, workdir)
@@ -392,7 +392,7 @@ def test_nan_between_log_steps_is_caught_at_its_step_and_never_saved(prepared_fa
     with pytest.raises(train.DivergenceError, match="diverged at step 3:.*last good checkpoint "
                        "is step 2"):
         train.train_and_evaluate(config, workdir)
-    assert checkpoint_io.checkpoint_steps(workdir) == [2]
+    assert checkpoints.checkpoint_steps(workdir) == [2]
     assert _checkpoint_is_finite(workdir, 2)
 
 
@@ -411,6 +411,6 @@ def test_diverging_command_exits_non_zero_and_keeps_the_last_finite_checkpoint(p
     assert result.returncode != 0, result.stdout
     assert "error: training diverged at step" in result.stderr, result.stderr
     assert "Done" not in result.stdout
-    steps = checkpoint_io.checkpoint_steps(workdir)
+    steps = checkpoints.checkpoint_steps(workdir)
     for step in steps:
         assert _checkpoint_is_finite(workdir, step), step

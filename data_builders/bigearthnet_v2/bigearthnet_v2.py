@@ -68,7 +68,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import shard_writer
+from data_builders import datasets, shard_writer
 from data_builders.geotiff import (
     PatchError,
     exact_name_reads,
@@ -78,32 +78,12 @@ from data_builders.geotiff import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# Facts about the dataset (REFERENCE.md section 3).
+# Facts about the dataset (shared ones from the registry, `data_builders.datasets`).
 
-PATCH_SIZE = 120
+PATCH_SIZE = datasets.BIGEARTHNET_V2.patch_size
 """Height and width of a patch at 10 m, pixels."""
 
-CLASS_NAMES: tuple[str, ...] = (
-    "Urban fabric",
-    "Industrial or commercial units",
-    "Arable land",
-    "Permanent crops",
-    "Pastures",
-    "Complex cultivation patterns",
-    "Land principally occupied by agriculture, with significant areas of natural vegetation",
-    "Agro-forestry areas",
-    "Broad-leaved forest",
-    "Coniferous forest",
-    "Mixed forest",
-    "Natural grassland and sparsely vegetated areas",
-    "Moors, heathland and sclerophyllous vegetation",
-    "Transitional woodland, shrub",
-    "Beaches, dunes, sands",
-    "Inland wetlands",
-    "Coastal wetlands",
-    "Inland waters",
-    "Marine waters",
-)
+CLASS_NAMES: tuple[str, ...] = datasets.BIGEARTHNET_V2.class_names
 """The 19 classes in the paper's order (index = position in `labels`). Names contain commas."""
 
 NUM_CLASSES = len(CLASS_NAMES)
@@ -136,8 +116,7 @@ unlabelled."""
 UNLABELLED = 255
 """`reference_map` value for pixels whose CLC code is not in `CLC_TO_CLASS`."""
 
-S2_BANDS: tuple[str, ...] = (
-    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+S2_BANDS: tuple[str, ...] = datasets.BIGEARTHNET_V2.bands["s2"]
 """Sentinel-2 bands in ESA order (no B10 in L2A) = channel order of `s2`."""
 
 S2_BAND_SIZE: dict[str, int] = {
@@ -145,7 +124,7 @@ S2_BAND_SIZE: dict[str, int] = {
     "B08": 120, "B8A": 60, "B09": 20, "B11": 60, "B12": 60}
 """Side length in pixels of each band's file: 120 (10 m), 60 (20 m), 20 (60 m)."""
 
-S1_BANDS: tuple[str, ...] = ("VV", "VH")
+S1_BANDS: tuple[str, ...] = datasets.BIGEARTHNET_V2.bands["s1"]
 """Sentinel-1 polarisations = channel order of `s1`."""
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")

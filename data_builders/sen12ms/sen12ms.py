@@ -74,13 +74,13 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_builders import shard_writer
+from data_builders import datasets, shard_writer
 from data_builders.geotiff import PatchError, exact_name_reads, find_tiff, read_tiff
 
 # ---------------------------------------------------------------------------------------------
 # Facts about the dataset.
 
-PATCH_SIZE = 256
+PATCH_SIZE = datasets.SEN12MS.patch_size
 """Height and width of every SEN12MS raster, pixels (10 m)."""
 
 SEASON_DIRS: dict[str, str] = {
@@ -91,9 +91,8 @@ SEASON_DIRS: dict[str, str] = {
 }
 """Season name -> the official archive / top-level directory name (ROIs<seed>_<season>)."""
 
-S1_BANDS = ("VV", "VH")
-S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11",
-            "B12")
+S1_BANDS = datasets.SEN12MS.bands["s1"]
+S2_BANDS = datasets.SEN12MS.bands["s2"]
 LC_BANDS = ("IGBP", "LCCS_LC", "LCCS_LU", "LCCS_SH")
 
 MODALITIES: dict[str, tuple[np.dtype, int]] = {
@@ -104,8 +103,7 @@ MODALITIES: dict[str, tuple[np.dtype, int]] = {
 """Modality -> (on-disk dtype, band count)."""
 
 NUM_IGBP_CLASSES = 17
-SIMPLIFIED_CLASSES = ("Forest", "Shrubland", "Savanna", "Grassland", "Wetlands", "Croplands",
-                      "Urban/Built-up", "Snow/Ice", "Barren", "Water")
+SIMPLIFIED_CLASSES = datasets.SEN12MS.class_names
 IGBP_TO_SIMPLIFIED: tuple[int, ...] = (0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 5, 7, 8, 9)
 """Simplified class index of IGBP classes 1..17 (entry k is IGBP class k + 1)."""
 

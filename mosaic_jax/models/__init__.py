@@ -1,6 +1,15 @@
-"""Flax Linen models: ResNet and ConvNeXt-V2 encoders, projection heads, one/two-tower models."""
+"""Flax Linen models: ResNet and ConvNeXt-V2 encoders, projection heads, one/two-tower models,
+and the factory that builds and applies the model a config describes."""
 
 from mosaic_jax.models.convnext import GRN, ConvNeXtV2, ConvNeXtV2Block, DropPath, convnext_v2
+from mosaic_jax.models.factory import (
+    DATA_AXIS,
+    apply_model,
+    create_model,
+    init_variables,
+    input_shapes,
+    model_inputs,
+)
 from mosaic_jax.models.heads import ProjectionHead
 from mosaic_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from mosaic_jax.models.towers import (
@@ -12,6 +21,7 @@ from mosaic_jax.models.towers import (
 )
 
 __all__ = [
+    "DATA_AXIS",
     "ENCODER_NAMES",
     "GRN",
     "BasicBlock",
@@ -23,7 +33,12 @@ __all__ = [
     "ResNet",
     "SingleTower",
     "TwoTower",
+    "apply_model",
     "build_encoder",
     "convnext_v2",
+    "create_model",
     "encoder_num_features",
+    "init_variables",
+    "input_shapes",
+    "model_inputs",
 ]

@@ -1,11 +1,16 @@
-"""Reading a training workdir back: its config, latest checkpoint, parameters and class names.
+"""A workdir's checkpoints and config: written by training, read by every other tool.
 
-Shared by `mosaic_jax.export`, `mosaic_jax.report` and `mosaic_jax.embed`. A workdir written by
-`mosaic_jax.train.train_and_evaluate` holds ``config.json`` and ``checkpoints/<step>/state`` (an
-orbax ``StandardSave`` of ``TrainState``). Restoring here does not need the optimizer or the
+A workdir written by `mosaic_jax.train.train_and_evaluate` holds ``config.json`` and
+``checkpoints/<step>/`` with two Orbax items: ``state`` (a ``StandardSave`` of ``TrainState``)
+and ``data`` (the input iterator's JSON state). Steps are listed by Orbax's own
+``CheckpointManager`` (``all_steps`` / ``latest_step``), which knows which step folders are
+finished on local disks and on ``gs://``.
+
+Training uses `open_manager`, `save` and `restore`; export, embed, report and the downstream
+protocols use `load_config` and `restore_variables`, which need neither the optimizer nor the
 device topology of the training run: the checkpoint's own metadata gives the shapes and dtypes,
-and only ``params``, ``batch_stats`` and ``step`` are read, onto one local device, then copied to
-host numpy arrays.
+and only ``params``, ``batch_stats`` and ``step`` are read, onto one local device, then copied
+to host numpy arrays.
 
 The workdir may be a local path or a URL (``gs://bucket/runs/x``: anything with ``://``), read
 through ``etils.epath``.
@@ -13,19 +18,24 @@ through ``etils.epath``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
+
+from data_builders import atomic_files
+from mosaic_jax import configuration, objectives
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
-# Orbax writes gs:// checkpoints in place and marks a finished step with this file.
-_GCS_COMMIT_FILE = "commit_success.txt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,32 +58,62 @@ class RestoredRun:
 
 def resolve_workdir(workdir: str | os.PathLike[str]) -> str:
     """A URL (``gs://...``) as given; a local path with ``~`` expanded, made absolute."""
-    from mosaic_jax import atomic_files
-
     workdir = os.fspath(workdir)
     if atomic_files.is_remote(workdir):
         return workdir
     return os.path.abspath(os.path.expanduser(workdir))
 
 
-def checkpoint_steps(workdir: str | os.PathLike[str]) -> list[int]:
-    """Sorted steps of the finished checkpoints in ``workdir/checkpoints`` (may be empty).
+def checkpoint_dir(workdir: str | os.PathLike[str]) -> str:
+    """``workdir/checkpoints``: the folder Orbax manages."""
+    return os.path.join(resolve_workdir(workdir), CHECKPOINT_DIR)
 
-    Orbax names a finished step's folder by the bare integer (unfinished ones carry a temporary
-    suffix; on ``gs://``, where it writes in place, a finished one holds ``commit_success.txt``),
-    and the folder must hold the ``state`` item.
-    """
-    workdir = resolve_workdir(workdir)
-    root = epath.Path(workdir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    in_place = workdir.startswith("gs://")
-    steps = []
-    for child in root.iterdir():
-        if (child.name.isdigit() and (child / "state").is_dir()
-                and (not in_place or (child / _GCS_COMMIT_FILE).exists())):
-            steps.append(int(child.name))
-    return sorted(steps)
+
+def open_manager(workdir: str | os.PathLike[str], *, keep: int | None = None,
+                 create: bool = True) -> ocp.CheckpointManager:
+    """The Orbax manager of ``workdir``'s checkpoints, keeping the newest `keep` (None: all)."""
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
+
+
+@contextlib.contextmanager
+def _reader(workdir: str) -> Iterator[ocp.CheckpointManager | None]:
+    """A manager for reading, or None when the workdir has no checkpoint folder."""
+    if not epath.Path(checkpoint_dir(workdir)).is_dir():
+        yield None
+        return
+    manager = open_manager(workdir, create=False)
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any, *,
+         force: bool = False) -> None:
+    """Saves the train state and the input iterator's state as checkpoint `step` (async)."""
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, Any]:
+    """(train state shaped and sharded like `like`, input iterator state) of checkpoint `step`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes the run's ``config.json``: what export, report and embed rebuild the model from."""
+    atomic_files.write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json(indent=1))
+
+
+def checkpoint_steps(workdir: str | os.PathLike[str]) -> list[int]:
+    """Sorted steps of the finished checkpoints in ``workdir/checkpoints`` (may be empty)."""
+    with _reader(resolve_workdir(workdir)) as manager:
+        return [] if manager is None else sorted(manager.all_steps())
 
 
 def latest_step(workdir: str | os.PathLike[str]) -> int:
@@ -93,17 +133,15 @@ def latest_step(workdir: str | os.PathLike[str]) -> int:
 def load_config(workdir: str | os.PathLike[str]) -> Any:
     """The run's config (``config.json`` rebuilt as an ``ml_collections.ConfigDict``); keys
     that the run's version did not have yet take today's defaults."""
-    import ml_collections
-
     workdir = resolve_workdir(workdir)
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"workdir {workdir!r} has no {CONFIG_FILE} (is it a mosaic_jax training workdir?)")
     saved = json.loads(path.read_text())
-    # Keys added to the config since the run was written take their defaults.
-    from mosaic_jax import configuration, objectives
-
+    # Keys added to the config since the run was written take their defaults; keys the config
+    # no longer has (data.num_classes: now the dataset's) are dropped.
+    saved.get("data", {}).pop("num_classes", None)
     objective = saved.get("objective")
     defaults = (configuration.base_config(objective).to_dict()
                 if objective in objectives.OBJECTIVES else {})
@@ -128,8 +166,6 @@ def restore_variables(workdir: str | os.PathLike[str], step: int | None = None) 
     FileNotFoundError naming the workdir when it has no checkpoint (or no such step) or no
     ``config.json``.
     """
-    import orbax.checkpoint as ocp
-
     workdir = resolve_workdir(workdir)
     if step is None:
         step = latest_step(workdir)
@@ -185,18 +221,3 @@ def require_finite(run: RestoredRun) -> None:
             f"checkpoint step {run.step} of {run.workdir} holds non-finite values in {len(bad)} "
             f"of {total} arrays (first: {bad[0]}): the run diverged; use an earlier step "
             f"(steps: {checkpoint_steps(run.workdir)})")
-
-
-def class_names(dataset: str, num_classes: int) -> list[str]:
-    """Class names of ``dataset`` in label order; ``class i`` when the builder is unavailable."""
-    names: tuple[str, ...] | None = None
-    try:
-        if dataset == "bigearthnet_v2":
-            from data_builders.bigearthnet_v2 import CLASS_NAMES as names
-        elif dataset == "sen12ms":
-            from data_builders.sen12ms import SIMPLIFIED_CLASSES as names
-    except ImportError:
-        names = None
-    if names is None or len(names) != num_classes:
-        return [f"class {i}" for i in range(num_classes)]
-    return list(names)
