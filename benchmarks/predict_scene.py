@@ -33,16 +33,15 @@ from benchmarks import common
 WORKLOADS = ("resnet50_sub", "demo_full", "demo_sub")
 
 
-def untrained_export(config: Any, workdir: Path, out: Path, *, seed: int = 0,
-                     platforms: tuple[str, ...] = ("cpu",)) -> dict[str, Any]:
-    """Exports a model of `config` with random variables (no training), through a workdir
-    whose one checkpoint is saved as the training program saves it; returns model.json."""
+def untrained_workdir(config: Any, workdir: Path, *, seed: int = 0) -> Path:
+    """A training workdir whose one checkpoint (step 1) holds random variables of `config`'s
+    model, saved as the training program saves them (no training, no data)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from mosaic_jax import export, train
+    from mosaic_jax import train
 
     model = train.create_model(config)
     tx = train.create_optimizer(config)
@@ -65,6 +64,15 @@ def untrained_export(config: Any, workdir: Path, out: Path, *, seed: int = 0,
                                options=ocp.CheckpointManagerOptions(create=True)) as manager:
         manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
         manager.wait_until_finished()
+    return workdir
+
+
+def untrained_export(config: Any, workdir: Path, out: Path, *, seed: int = 0,
+                     platforms: tuple[str, ...] = ("cpu",)) -> dict[str, Any]:
+    """`untrained_workdir`, exported to `out` (`mosaic_jax.export`); returns model.json."""
+    from mosaic_jax import export
+
+    untrained_workdir(config, workdir, seed=seed)
     return export.export_workdir(str(workdir), str(out), platforms=platforms)
 
 

@@ -204,8 +204,7 @@ def write_quicklook(map_path: str, png_path: str, classes: Sequence[str],
     fig = Figure(figsize=(3.2 * cols + 1.0, 3.2 * shape[0] / shape[1] + 0.6), dpi=110,
                  layout="constrained")
     FigureCanvasAgg(fig)
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("0.6")
+    cmap = colormaps["viridis"].with_extremes(bad="0.6")
     image = None
     for i, name in enumerate(classes):
         ax = fig.add_subplot(1, cols, i + 1)
@@ -316,7 +315,7 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
         total_windows = len(row_offsets) * len(col_offsets)
         batch = min(batch_size, total_windows)
         pixel_km2 = _pixel_km2(s2)
-        transform = s2.transform * s2.transform.scale(stride, stride)
+        transform = s2.transform @ s2.transform.scale(stride, stride)
         s1_nodata = None if s1_linear else s1.nodata  # linear <= 0 becomes NaN in to_db
         s2_nodata = s2.nodata
 
