@@ -37,6 +37,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -239,7 +240,8 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
       s1_linear: the S1 file holds linear power; converted to dB.
 
     Returns a summary: paths, grid, window counts, km^2, seconds per stage (``loop``: the
-    windows' pass after the one compile; ``host_share``: read + prepare + blend/write over it).
+    windows' pass after the one compile; ``read``: waiting for the reader thread, which reads
+    one band of rows ahead; ``host_share``: read + prepare + blend/write over ``loop``).
     """
     import jax
     import rasterio
@@ -427,11 +429,19 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
         pending = None
         slot, meta = 0, []
         km2 = 0.0
+        def read_band(r0: int) -> tuple[np.ndarray, np.ndarray]:
+            window = Window(0, r0, width, size)
+            return s1.read(s1_idx, window=window), s2.read(s2_idx, window=window)
+
+        # One reader thread reads the next band of rows while this one is prepared and run
+        # (GDAL releases the GIL); only that thread touches the files during the loop.
+        reader = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        ahead = reader.submit(read_band, int(row_offsets[0]))
         for k, r0 in enumerate(row_offsets):
             t = time.perf_counter()
-            window = Window(0, int(r0), width, size)
-            x1 = s1.read(s1_idx, window=window)
-            x2 = s2.read(s2_idx, window=window)
+            x1, x2 = ahead.result()
+            if k + 1 < len(row_offsets):
+                ahead = reader.submit(read_band, int(row_offsets[k + 1]))
             timing["read"] += time.perf_counter() - t
             t = time.perf_counter()
             x1 = np.moveaxis(x1, 0, -1)
