@@ -12,7 +12,8 @@ workload in its own subprocess, so that its peak RSS (``ru_maxrss``) is that wor
   does not grow with the scene).
 
 It prints a table (windows/s, km^2/s, peak RSS, seconds per stage, host share) and writes JSON
-(``--output``, default ``benchmarks/results/predict_scene.json``). ``--quick`` is a smoke run
+(``--output``, default ``benchmarks/results/predict_scene.json``; workloads of an earlier run that
+are not rerun stay in it, each with its machine record). ``--quick`` is a smoke run
 (small scenes, a tiny model). Scenes and exports are cached in ``--work_dir``.
 """
 
@@ -148,6 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     full, sub = tuple(args.full_size), tuple(args.sub_size)
     if args.quick:
         full, sub = (360, 480), (240, 360)
+    previous = {}  # workloads of an earlier run not rerun now stay in the JSON
+    if os.path.exists(args.output):
+        with open(args.output) as f:
+            old = json.load(f)
+        if old.get("quick") == args.quick:
+            previous = {r["workload"]: r for r in old.get("results", [])}
     results = []
     for name in args.workloads:
         model = "tiny" if args.quick else ("resnet50" if name.startswith("resnet50") else "demo")
@@ -163,12 +170,15 @@ def main(argv: list[str] | None = None) -> None:
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"workload {name} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        result = json.loads(lines[-1][len("RESULT "):])
+        result["machine"] = common.machine_info()
+        results.append(result)
+        previous.pop(name, None)
         payload = {"benchmark": "predict_scene", "quick": args.quick,
-                   "machine": common.machine_info(), "results": results}
+                   "machine": result["machine"], "results": [*previous.values(), *results]}
         common.write_json(args.output, payload)
     rows = []
-    for r in results:
+    for r in payload["results"]:
         s = r["seconds"]
         rows.append([r["workload"], r["model"], f"{r['scene_px'][0]} x {r['scene_px'][1]}",
                      r["windows_run"], f"{r['windows_per_s']:.1f}", f"{r['km2_per_s']:.2f}",

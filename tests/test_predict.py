@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -401,3 +402,20 @@ def test_readme_map_a_scene_commands_run_as_written(tmp_path):
     assert "area.tif" in maps and "area.png" in maps
     with rasterio.open(tmp_path / "maps" / "area.tif") as src:
         assert src.count == 19 and np.isfinite(src.read(1)).any()
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_reports_every_workload(tmp_path):
+    out = tmp_path / "predict_scene.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.predict_scene", "--quick",
+                             "--work_dir", str(tmp_path / "work"), "--output", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert [r["workload"] for r in payload["results"]] == ["resnet50_sub", "demo_full",
+                                                           "demo_sub"]
+    for r in payload["results"]:
+        assert r["windows_run"] == r["windows"] > 0 and r["windows_per_s"] > 0
+        assert 0 < r["peak_rss_gib"] < 64 and 0 <= r["host_share"] <= 1
+    assert "| demo_full" in result.stdout and "peak RSS GiB" in result.stdout
