@@ -456,8 +456,9 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
                 n1 = scene_windows.normalise(x1, spec["s1"]["mean"], spec["s1"]["std"],
                                              spec["s1"].get("clip_db"))
                 n2 = scene_windows.normalise(x2, spec["s2"]["mean"], spec["s2"]["std"])
-                n1[~valid] = 0.0
-                n2[~valid] = 0.0
+                if not valid.all():
+                    n1[~valid] = 0.0
+                    n2[~valid] = 0.0
             timing["prepare"] += time.perf_counter() - t
             for j in keep:
                 t = time.perf_counter()

@@ -87,7 +87,7 @@ def normalise(x: np.ndarray, mean: Sequence[float], std: Sequence[float],
               clip: Sequence[float] | None = None) -> np.ndarray:
     """float32 [..., c]: ``(clip(x) - mean) / std`` per band (last axis), as the export's
     ``model.json`` defines the embedder's input; ``clip`` (lo, hi) or None."""
-    out = np.asarray(x, dtype=np.float32).copy()
+    out = np.array(x, dtype=np.float32, order="C")  # one (contiguous) copy
     if clip is not None:
         np.clip(out, clip[0], clip[1], out=out)
     out -= np.asarray(mean, dtype=np.float32)
