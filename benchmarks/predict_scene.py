@@ -37,35 +37,10 @@ WORKLOADS = ("resnet50_sub", "demo_full", "demo_sub")
 def untrained_workdir(config: Any, workdir: Path, *, seed: int = 0) -> Path:
     """A training workdir whose one checkpoint (step 1) holds random variables of `config`'s
     model, saved as the training program saves them (no training, no data)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import orbax.checkpoint as ocp
+    from mosaic_jax import checkpoints, train
 
-    from mosaic_jax import train
-
-    model = train.create_model(config)
-    tx = train.create_optimizer(config)
-    shapes = jax.eval_shape(lambda: train.init_state(config, model, tx))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):  # He-scaled kernels, positive scales/variances, small offsets
-        name = getattr(path[-1], "key", None)
-        if name == "kernel":
-            scale = 1.0 / np.sqrt(float(np.prod(leaf.shape[:-1])))
-            return jnp.asarray(rng.normal(size=leaf.shape) * scale, leaf.dtype)
-        if name in ("scale", "var"):
-            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
-        return jnp.asarray(0.1 * rng.normal(size=leaf.shape), leaf.dtype)
-
-    state = jax.tree.map_with_path(fill, shapes).replace(step=jnp.asarray(1, jnp.int32))
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json(indent=1))
-    with ocp.CheckpointManager(str(workdir / "checkpoints"),
-                               options=ocp.CheckpointManagerOptions(create=True)) as manager:
-        manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-        manager.wait_until_finished()
-    return workdir
+    state = train.random_state(config, seed=seed, step=1)
+    return Path(checkpoints.write_workdir(workdir, config, state))
 
 
 def untrained_export(config: Any, workdir: Path, out: Path, *, seed: int = 0,

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from data_builders import atomic_files
 from data_builders.bigearthnet_v2.bigearthnet_v2 import (
     PATCH_SIZE,
     S1_BANDS,
@@ -31,7 +32,6 @@ from data_builders.bigearthnet_v2.bigearthnet_v2 import (
     S2_BANDS,
 )
 from data_builders.fake_bigearthnet import synthesize_patch
-from mosaic_jax import atomic_files
 
 EPSG = 32633
 ORIGIN = (399960.0, 5000040.0)

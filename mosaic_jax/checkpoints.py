@@ -110,6 +110,19 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     atomic_files.write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json(indent=1))
 
 
+def write_workdir(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
+                  state: Any) -> str:
+    """A workdir holding `config.json` and `state` as its one checkpoint (at `state.step`), laid
+    out as the training program writes it (the input position is empty). Returns its path."""
+    workdir = resolve_workdir(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    write_config(workdir, config)
+    with open_manager(workdir) as manager:
+        save(manager, int(state.step), state, {})
+        manager.wait_until_finished()
+    return workdir
+
+
 def checkpoint_steps(workdir: str | os.PathLike[str]) -> list[int]:
     """Sorted steps of the finished checkpoints in ``workdir/checkpoints`` (may be empty)."""
     with _reader(resolve_workdir(workdir)) as manager:

@@ -108,6 +108,26 @@ def init_state(config: ml_collections.ConfigDict, model: nn.Module,
                       opt_state=tx.init(variables["params"]), rng=state_rng)
 
 
+def random_state(config: ml_collections.ConfigDict, *, seed: int = 0, step: int = 0) -> TrainState:
+    """A TrainState of `config`'s model filled with cheap random values (He-scaled kernels,
+    scales and variances in [0.5, 1.5], small offsets) without compiling the initialisers:
+    for benchmarks, exports and tests at sizes whose `init_state` would take long."""
+    shapes = jax.eval_shape(lambda: init_state(config, create_model(config),
+                                               create_optimizer(config)))
+    rng = np.random.default_rng(seed)
+
+    def fill(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        name = getattr(path[-1], "key", None)
+        if name == "kernel":
+            scale = 1.0 / np.sqrt(float(np.prod(leaf.shape[:-1])))
+            return jnp.asarray(rng.normal(size=leaf.shape) * scale, leaf.dtype)
+        if name in ("scale", "var"):
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        return jnp.asarray(0.1 * rng.normal(size=leaf.shape), leaf.dtype)
+
+    return jax.tree.map_with_path(fill, shapes).replace(step=jnp.asarray(step, jnp.int32))
+
+
 def adopt_pretrained_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` whose `model` section is the one of the `init_from` run."""
     pretrained = checkpoints.load_config(config.init_from)

@@ -355,27 +355,10 @@ def test_checkpoints_restores_every_step(workdir):
 
 
 def _untrained_workdir(path, config, poison=None):
-    """A workdir whose only checkpoint holds random variables saved like the training program
-    saves them (no training: filling shapes with numpy values keeps this fast). `poison`: a
-    parameter name ("bias", ...) whose first array gets a NaN, as after a divergence."""
-    import orbax.checkpoint as ocp
-
-    model = models.create_model(config)
-    tx = train.create_optimizer(config)
-    shapes = jax.eval_shape(lambda: train.init_state(config, model, tx))
-    rng = np.random.default_rng(0)
-
-    def fill(p, v):
-        name = getattr(p[-1], "key", None)
-        if name == "kernel":
-            fan_in = int(np.prod(v.shape[:-1]))
-            return jnp.asarray(rng.normal(size=v.shape) / np.sqrt(fan_in), v.dtype)
-        if name in ("scale", "var"):
-            return jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
-        return jnp.asarray(0.1 * rng.normal(size=v.shape), v.dtype)
-
-    state = jax.tree.map_with_path(fill, shapes)
-    state = state.replace(step=jnp.asarray(5, jnp.int32))
+    """A workdir whose only checkpoint (step 5) holds random variables saved like the training
+    program saves them (`train.random_state`: no training). `poison`: a parameter name
+    ("bias", ...) whose first array gets a NaN, as after a divergence."""
+    state = train.random_state(config, step=5)
     if poison:
         hit = []
 
@@ -387,13 +370,7 @@ def _untrained_workdir(path, config, poison=None):
 
         state = state.replace(params=jax.tree.map_with_path(nan_first, state.params))
         assert hit
-    path.mkdir()
-    (path / "config.json").write_text(config.to_json(indent=1))
-    with ocp.CheckpointManager(str(path / "checkpoints"),
-                               options=ocp.CheckpointManagerOptions(create=True)) as manager:
-        manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-        manager.wait_until_finished()
-    return str(path)
+    return checkpoints.write_workdir(path, config, state)
 
 
 def _export_untrained_supervised(tmp_path, arg, width):

@@ -7,10 +7,10 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import FAST_COMPILE
@@ -121,7 +121,7 @@ def test_normalise_matches_the_training_pipeline():
     rng = np.random.default_rng(1)
     s2 = rng.integers(1, 9000, size=(5, 7, 12)).astype(np.uint16)
     names = bands.resolve_bands("s2_10", DATASET, "s2")
-    idx = [bands.STORED_BANDS[DATASET]["s2"].index(b) for b in names]
+    idx = [bands.stored_bands(DATASET, "s2").index(b) for b in names]
     mean, std = bands.band_stats(DATASET, "s2", names)
     np.testing.assert_array_equal(scene_windows.normalise(s2[..., idx], mean, std),
                                   bands.normalize(s2, DATASET, "s2", names))
@@ -352,21 +352,23 @@ def test_bad_inputs_are_refused_with_the_file_named(tiny, scenes, tmp_path):
         predict.predict_scene(export_dir, s1, s2, str(tmp_path / "x.tif"),
                               quicklook_classes=["Lava"])
 
-    from flax import serialization
 
-    broken = str(tmp_path / "broken_export")
-    shutil.copytree(export_dir, broken)
-    path = os.path.join(broken, export.PARAMS_FILE)
-    with open(path, "rb") as f:
-        tree = serialization.msgpack_restore(f.read())
-    classifier = tree["params"]["classifier"]
-    key = next(iter(classifier))
-    classifier[key] = np.array(classifier[key])
-    classifier[key].flat[0] = np.nan
-    with open(path, "wb") as f:
-        f.write(serialization.msgpack_serialize(tree))
-    with pytest.raises(ValueError, match=re.escape(path) + ".*non-finite.*classifier"):
-        predict.predict_scene(broken, s1, s2, str(tmp_path / "x.tif"), progress=False)
+
+def test_a_diverged_export_is_refused(tmp_path, scenes, monkeypatch):
+    # An export of non-finite parameters (exported before export refused them) maps nothing.
+    from mosaic_jax import checkpoints, train
+
+    config = model_config("tiny")
+    state = train.random_state(config, step=1)
+    params = jax.tree.map(np.array, state.params)  # writable copies
+    params["classifier"]["bias"][0] = np.nan
+    workdir = checkpoints.write_workdir(tmp_path / "run", config, state.replace(params=params))
+    monkeypatch.setattr(checkpoints, "require_finite", lambda run: None)
+    export.export_workdir(workdir, str(tmp_path / "broken"), platforms=("cpu",))
+    s1, s2 = scenes["grid"]
+    with pytest.raises(ValueError, match="non-finite probs .*diverged"):
+        predict.predict_scene(str(tmp_path / "broken"), s1, s2, str(tmp_path / "x.tif"),
+                              progress=False)
     assert not os.path.exists(tmp_path / "x.tif")
 
 
