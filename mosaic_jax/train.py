@@ -336,8 +336,10 @@ def evaluate(config, state, eval_step, eval_ds, mesh, *, max_batches: int = 0):
 
 def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
                        embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
-                       tsne_points: int) -> None:
-    """JSON and markdown metrics, a t-SNE PNG, and a line in the eval history (process 0)."""
+                       tsne_points: int) -> str | None:
+    """JSON and markdown metrics, a t-SNE PNG, and a line in the eval history (process 0).
+
+    Returns the PNG's path, None when no picture was drawn."""
     from mosaic_jax.metrics import format_metrics_markdown
     from mosaic_jax.tsne_plot import plot_tsne
 
@@ -358,6 +360,8 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
         png = os.path.join(workdir, f"tsne_{split}.png")
         title = f"embeddings, {split} split, step {step}"
         plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points, title=title)
+        return png
+    return None
 
 
 def linear_probe_hint(config: ml_collections.ConfigDict, workdir: str) -> str | None:
@@ -392,10 +396,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         preemption: Any) -> dict[str, Any]:
     import orbax.checkpoint as ocp
-    from clu import metric_writers, periodic_actions
     from clu import metrics as clu_metrics
 
-    from mosaic_jax import checkpoint_io, input_pipeline
+    from mosaic_jax import checkpoint_io, input_pipeline, tensorboard_writer
     from mosaic_jax.configuration import validate_config
     from mosaic_jax.metrics import multilabel_metrics
 
@@ -461,12 +464,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if is_chief:  # what export, report and embedding tools rebuild the model from
         atomic_files.write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=1))
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    writer = tensorboard_writer.create_writer(workdir, just_logging=not is_chief)
     if start_step == 0:
         writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
-    hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                             writer=writer, every_secs=None,
-                                             every_steps=config.log_every_steps)]
+    hooks = [tensorboard_writer.ReportProgress(num_train_steps=config.num_train_steps,
+                                               writer=writer, every_steps=config.log_every_steps)]
 
     def save(step: int, force: bool = False) -> None:
         manager.save(step, args=ocp.args.Composite(
@@ -478,8 +480,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       max_batches=config.eval_max_batches)
         metrics = multilabel_metrics(probs, labels)
         if is_chief:
-            write_eval_outputs(workdir, d.eval_split, step, metrics, emb, labels, class_names,
-                               config.tsne_points)
+            png = write_eval_outputs(workdir, d.eval_split, step, metrics, emb, labels,
+                                     class_names, config.tsne_points)
+            if png:
+                writer.write_images(step, {"eval/tsne": tensorboard_writer.read_png(png)})
             writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()
                                         if isinstance(v, float)})
             print(f"step {step}: eval on {d.eval_split} ({metrics['num_samples']} patches): "
