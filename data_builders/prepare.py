@@ -11,6 +11,9 @@ D/NAME/<config>/<version>/ with `file_format="array_record"`; read it back with
 splits, example counts, shards, bytes, the output directory and the skipped patches (from the
 `skipped_patches.json` the builders write beside the shards).
 
+`--file_format tfrecord` writes TFRecord shards instead, which `tfds.load` reads into tf.data
+(writing them needs TensorFlow).
+
 Exit status: 0 on success, 1 when preparation failed (e.g. a bad patch without
 --skip_bad_patches: the message names file and patch), 2 for usage errors (unknown NAME or
 config, missing manual dir, an option the builder does not support).
@@ -35,6 +38,9 @@ REPORT_NAME = "skipped_patches.json"
 
 class UsageError(ValueError):
     """A request that cannot be served as given (unknown dataset, config, option, directory)."""
+
+
+FILE_FORMATS = ("array_record", "tfrecord")
 
 
 def available_datasets() -> list[str]:
@@ -75,9 +81,13 @@ def _builder_kwargs(cls: type, *, skip_bad_patches: bool, num_workers: int | Non
 def prepare(name: str, manual_dir: str | Path, data_dir: str | Path, *,
             config: str | None = None, skip_bad_patches: bool = False,
             num_workers: int | None = None, max_examples_per_split: int | None = None,
-            overwrite: bool = False, skip_checksums: bool = False):
+            overwrite: bool = False, skip_checksums: bool = False,
+            file_format: str = "array_record"):
     """Prepares dataset `name` (config `config`, default: the builder's default) from
-    `manual_dir` into `data_dir` as array_record and returns the prepared TFDS builder."""
+    `manual_dir` into `data_dir` as `file_format` shards and returns the prepared TFDS builder.
+
+    "array_record" (random access: `tfds.data_source`, Grain, this project's training) needs no
+    TensorFlow; "tfrecord" is for `tfds.load` / tf.data and needs TensorFlow to write."""
     import tensorflow_datasets as tfds
 
     cls = builder_class(name)
@@ -90,10 +100,13 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path, *,
                          f"instructions of {name}: python -c \"import data_builders.{name}, "
                          f"tensorflow_datasets as t; print(t.builder_cls('{name}')"
                          f".MANUAL_DOWNLOAD_INSTRUCTIONS)\")")
+    if file_format not in FILE_FORMATS:
+        raise UsageError(f"unknown file format {file_format!r}; choose one of "
+                         f"{', '.join(FILE_FORMATS)}")
     kwargs = _builder_kwargs(cls, skip_bad_patches=skip_bad_patches, num_workers=num_workers,
                              skip_checksums=skip_checksums)
     builder = tfds.builder(name if config is None else f"{name}/{config}",
-                           data_dir=str(data_dir), file_format="array_record", **kwargs)
+                           data_dir=str(data_dir), file_format=file_format, **kwargs)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -171,6 +184,9 @@ def _parser() -> argparse.ArgumentParser:
                         "official release's (a newer metadata release)")
     parser.add_argument("--overwrite", action="store_true",
                         help="prepare again even if the prepared data exists")
+    parser.add_argument("--file_format", default="array_record", choices=FILE_FORMATS,
+                        help="array_record (random access, no TensorFlow; what training "
+                             "reads) or tfrecord (for tfds.load / tf.data; needs TensorFlow)")
     return parser
 
 
@@ -187,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         builder = prepare(args.name, args.manual_dir, args.data_dir, config=args.config,
                           skip_bad_patches=args.skip_bad_patches, num_workers=args.num_workers,
                           max_examples_per_split=args.max_examples_per_split,
-                          overwrite=args.overwrite, skip_checksums=args.skip_checksums)
+                          overwrite=args.overwrite, skip_checksums=args.skip_checksums,
+                          file_format=args.file_format)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

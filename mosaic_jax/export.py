@@ -222,17 +222,19 @@ def _input_spec(config: Any) -> dict[str, Any]:
     return spec
 
 
-def _encoder_entries(config: Any) -> dict[str, tuple[str, str, str]]:
-    """modality key -> (params subtree, encoder name, file name) of the ResNet encoders."""
+def _encoder_entries(config: Any, names: Any = None) -> dict[str, tuple[str, str, str]]:
+    """modality key -> (params subtree, encoder name, file name) of the encoders whose name is
+    in `names` (default: the ResNets)."""
     from mosaic_jax.models.towers import RESNET_DEPTHS
 
+    names = RESNET_DEPTHS if names is None else names
     m = config.model
     if m.kind == "two_tower":
         items = {"s1": ("enc_s1", m.s1_encoder, "encoder_s1.safetensors"),
                  "s2": ("enc_s2", m.s2_encoder, "encoder_s2.safetensors")}
     else:
         items = {m.inputs: ("enc", m.encoder, "encoder.safetensors")}
-    return {k: v for k, v in items.items() if v[1] in RESNET_DEPTHS}
+    return {k: v for k, v in items.items() if v[1] in names}
 
 
 def make_embed_fn(config: Any, variables: Mapping[str, Any], input_size: int
@@ -334,8 +336,8 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
     import flax.serialization
 
     from data_builders import datasets
-    from mosaic_jax import checkpoints
-    from mosaic_jax.models.towers import RESNET_DEPTHS, encoder_num_features
+    from mosaic_jax import checkpoints, convnext_timm
+    from mosaic_jax.models.towers import CONVNEXT_NAMES, RESNET_DEPTHS, encoder_num_features
 
     output = os.path.abspath(os.path.expanduser(output))
     _check_output_dir(output)
@@ -365,11 +367,12 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
         encoders = {}
         inputs = _input_spec(config)
         entries = _encoder_entries(config)
-        if entries:
+        convnext_entries = _encoder_entries(config, CONVNEXT_NAMES)
+        if entries or convnext_entries:
             try:
                 import safetensors.numpy
             except ImportError as e:
-                raise ImportError("writing the ResNet encoders needs the safetensors package: "
+                raise ImportError("writing the encoders needs the safetensors package: "
                                   "pip install safetensors") from e
         for modality, (subtree, name, filename) in entries.items():
             classifier = (variables["params"]["classifier"] if m.kind == "single_tower"
@@ -393,6 +396,21 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
                 "torchvision_compatible": width == 64,
                 "running_var": RUNNING_VAR_NOTE,
             }
+            metadata = {k: json.dumps(v) if not isinstance(v, str) else v
+                        for k, v in info.items()}
+            metadata["format"] = "pt"
+            safetensors.numpy.save_file(tensors, os.path.join(tmp, filename), metadata=metadata)
+            encoders[modality] = info
+        for modality, (subtree, name, filename) in convnext_entries.items():
+            tensors = convnext_timm.timm_state_dict(
+                variables["params"][subtree],
+                conv_mlp=CONVNEXT_NAMES[name] in convnext_timm.CONV_MLP_VARIANTS,
+                classifier=(variables["params"]["classifier"] if m.kind == "single_tower"
+                            else None))
+            bands = (inputs["s1"]["bands"] + inputs["s2"]["bands"] if modality == "s1s2"
+                     else inputs[modality]["bands"])
+            info = convnext_timm.encoder_info(name, tensors, filename=filename, bands=bands,
+                                              input_size=int(config.augment.out_size))
             metadata = {k: json.dumps(v) if not isinstance(v, str) else v
                         for k, v in info.items()}
             metadata["format"] = "pt"

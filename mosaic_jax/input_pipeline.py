@@ -13,9 +13,8 @@ each other without a partial batch, and the element order does not depend on the
 worker processes. Each Grain element is one local batch, so an iterator's state is just the
 next batch index: `get_state()` / `set_state()` resume exactly.
 
-Reading: for TFDS array_record sources only the needed features (s1, s2, labels) are decoded
-straight from the serialized records (zero-copy for raw tensor buffers), after checking once that
-this reproduces TFDS's own decoding; other sources are indexed normally.
+Reading: for TFDS array_record sources only the needed features (s1, s2, labels; patch_id for
+subsets) are decoded, by TFDS's own NumPy decoder; other sources are indexed normally.
 
 Subsets: `train_fraction` and `label_fraction` select patches by a stable hash of
 (subset_seed, patch_id) (`subset_mask`), the same on every host, run and storage order. A patch
@@ -34,7 +33,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -140,147 +139,39 @@ def open_source(name: str, split: str, data_dir: str) -> Any:
     return builder.as_data_source(split=split)
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: memoryview, start: int, end: int):
-    """Yields (field number, value start, value end) of the length-delimited fields of a proto
-    message in buf[start:end]; other wire types are skipped."""
-    pos = start
-    while pos < end:
-        tag, pos = _read_varint(buf, pos)
-        wire = tag & 7
-        if wire == 2:
-            n, pos = _read_varint(buf, pos)
-            yield tag >> 3, pos, pos + n
-            pos += n
-        elif wire == 0:
-            _, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-
-
-def _feature_entries(buf: memoryview) -> Iterator[tuple[bytes, tuple[int, int]]]:
-    """(feature name, (start, end) of its serialized tf.train.Feature) for each feature of a
-    serialized tf.train.Example: Example{1: Features{1: map entry{1: key, 2: Feature}}}."""
-    for f, s, e in _fields(buf, 0, len(buf)):
-        if f != 1:
-            continue
-        for f2, s2, e2 in _fields(buf, s, e):
-            if f2 != 1:
-                continue
-            entry = {k: (a, b) for k, a, b in _fields(buf, s2, e2)}
-            if 1 in entry and 2 in entry:
-                yield bytes(buf[entry[1][0]:entry[1][1]]), entry[2]
-
-
-def _bytes_feature(record: bytes, key: bytes) -> bytes | None:
-    """First value of bytes feature `key` of a serialized tf.train.Example, without parsing (or
-    copying) the other features; None if absent. Feature{1: BytesList{1: value}}."""
-    buf = memoryview(record)
-    for name, span in _feature_entries(buf):
-        if name != key:
-            continue
-        for f3, s3, e3 in _fields(buf, *span):
-            if f3 == 1:  # bytes_list
-                for f4, s4, e4 in _fields(buf, s3, e3):
-                    if f4 == 1:
-                        return bytes(buf[s4:e4])
-        return None
-    return None
-
-
-def _packed_varints(buf: memoryview, start: int, end: int) -> list[int]:
-    out = []
-    pos = start
-    while pos < end:
-        v, pos = _read_varint(buf, pos)
-        out.append(v - (1 << 64) if v >= 1 << 63 else v)  # int64 two's complement
-    return out
-
-
-def _feature_values(buf: memoryview, start: int, end: int, dtype: np.dtype) -> np.ndarray | None:
-    """Values of one serialized tf.train.Feature as a flat numpy array, or None if unsupported.
-
-    bytes_list with one value and a numeric dtype is a raw tensor buffer (TFDS Encoding.BYTES,
-    native byte order); int64_list / float_list are packed."""
-    for kind, s, e in _fields(buf, start, end):
-        values = [(s2, e2) for f, s2, e2 in _fields(buf, s, e) if f == 1]
-        if kind == 1:  # bytes_list
-            if len(values) != 1 or dtype.kind in "OSU":
-                return None
-            return np.frombuffer(buf[values[0][0]:values[0][1]], dtype=dtype)
-        if kind == 2:  # float_list (packed little-endian float32)
-            parts = [np.frombuffer(buf[a:b], dtype="<f4") for a, b in values]
-            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-        if kind == 3:  # int64_list (packed varints)
-            ints = [v for a, b in values for v in _packed_varints(buf, a, b)]
-            return np.array(ints, dtype=np.int64).astype(dtype)
-    return None
-
-
-class _RawTfdsDecoder:
-    """Decodes only the wanted tensor features of serialized TFDS examples, zero-copy for raw
-    tensor buffers: much cheaper than TFDS's full decode (which parses and copies every
-    feature). Enabled only after checking it reproduces TFDS's decode of the first example."""
+class _FeatureReader:
+    """Reads examples of a TFDS data source decoding only `keys`, with TFDS's own NumPy decoder
+    (`FeaturesDict.deserialize_example_np` over the selected features): the other features
+    (e.g. the reference maps) are parsed by protobuf but neither converted nor copied out."""
 
     def __init__(self, source: Any, keys: Sequence[str]):
-        self.keys = tuple(keys)
-        self.raw = source.data_source
-        feats = source.dataset_info.features
-        self.specs = {k: (np.dtype(feats[k].np_dtype), tuple(feats[k].shape)) for k in self.keys}
-        ref = source[0]
-        got = self.decode(self.raw[0])
-        self.ok = got is not None and all(
-            np.asarray(ref[k]).dtype == got[k].dtype and np.array_equal(ref[k], got[k])
-            for k in self.keys
-        )
+        import tensorflow_datasets as tfds  # heavy import: only for TFDS sources
 
-    def decode(self, record: bytes) -> dict[str, np.ndarray] | None:
-        buf = memoryview(record)
-        wanted = {k.encode(): k for k in self.keys}
-        out: dict[str, np.ndarray] = {}
-        for name, span in _feature_entries(buf):
-            key = wanted.get(name)
-            if key is None:
-                continue
-            dtype, shape = self.specs[key]
-            vals = _feature_values(buf, *span, dtype)
-            if vals is None or vals.size != int(np.prod(shape)):
-                return None
-            out[key] = vals.reshape(shape)
-        return out if len(out) == len(self.keys) else None
+        features = source.dataset_info.features
+        missing = [k for k in keys if k not in features]
+        if missing:
+            raise KeyError(f"the dataset has no feature {missing}; it has {sorted(features)}")
+        self.raw = source.data_source
+        self.features = tfds.features.FeaturesDict({k: features[k] for k in keys})
+
+    def decode(self, record: bytes) -> dict[str, np.ndarray]:
+        return self.features.deserialize_example_np(record)
 
     def read(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
         # One record at a time: array_record's batched read starts a thread pool per call, which
         # costs more CPU than it saves here; parallelism comes from Grain threads / workers.
-        decoded = [self.decode(self.raw[i]) for i in indices]
-        if any(d is None for d in decoded):
-            raise ValueError("unexpected serialized example layout")
-        return decoded  # type: ignore[return-value]
+        return [self.decode(self.raw[i]) for i in indices]
+
+
+def _is_tfds_source(source: Any) -> bool:
+    """A TFDS data source (serialized records in `data_source`, features in `dataset_info`)."""
+    return hasattr(source, "data_source") and hasattr(source, "dataset_info")
 
 
 def _make_reader(source: Any, keys: Sequence[str]) -> Any:
-    """A `read(indices) -> list[dict]` for `source`: the raw TFDS decoder when it applies."""
-    if hasattr(source, "data_source") and hasattr(source, "dataset_info"):
-        try:
-            dec = _RawTfdsDecoder(source, keys)
-            if dec.ok:
-                return dec.read
-        except Exception:  # any surprise: fall back to TFDS's own decoding
-            pass
+    """A `read(indices) -> list[dict]` for `source`: `keys` only for a TFDS source."""
+    if _is_tfds_source(source):
+        return _FeatureReader(source, keys).read
     return functools.partial(_get_many, source)
 
 
@@ -299,25 +190,21 @@ def read_patch_ids(source: Any, *, chunk_size: int = 256,
 
     Reads only what is needed: a source exposing `patch_ids` is used as is; for a TFDS
     array_record source the raw records are read in chunks by `num_threads` threads (default:
-    min(16, CPU count)) and only the `patch_id` field is extracted from each serialized proto
-    (images are neither decoded nor copied; the records still have to be read and decompressed,
-    about 1-2 ms per BigEarthNet record per core); any other source is indexed example by
-    example. Nothing is cached.
+    min(16, CPU count)) and TFDS's decoder converts only the `patch_id` feature (the images are
+    not decoded; the records still have to be read, decompressed and parsed); any other source
+    is indexed example by example. Nothing is cached.
     """
     ids = getattr(source, "patch_ids", None)
     if ids is not None:
         return [_to_str(i) for i in ids]
     n = len(source)
-    raw = getattr(source, "data_source", None)
-    if raw is None or not hasattr(raw, "__getitem__") or len(raw) != n:
+    if not _is_tfds_source(source) or len(source.data_source) != n:
         return [_to_str(source[i]["patch_id"]) for i in range(n)]
+    reader = _FeatureReader(source, ("patch_id",))
 
     def chunk(start: int) -> list[str]:
-        out = []
-        for k in range(start, min(n, start + chunk_size)):
-            pid = _bytes_feature(raw[k], b"patch_id")
-            out.append(pid.decode("utf-8") if pid is not None else _to_str(source[k]["patch_id"]))
-        return out
+        return [_to_str(ex["patch_id"])
+                for ex in reader.read(range(start, min(n, start + chunk_size)))]
 
     starts = range(0, n, chunk_size)
     threads = num_threads or min(16, os.cpu_count() or 1)

@@ -342,8 +342,10 @@ def evaluate(state: TrainState, eval_step: Callable, eval_ds: Any, mesh: jax.sha
 
 def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
                        embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
-                       tsne_points: int) -> None:
-    """JSON and markdown metrics, a t-SNE PNG, and a line in the eval history (process 0)."""
+                       tsne_points: int) -> str | None:
+    """JSON and markdown metrics, a t-SNE PNG, and a line in the eval history (process 0).
+
+    Returns the PNG's path, None when no picture was drawn."""
     record = {"step": step, "split": split, **metrics}
     atomic_files.write_atomic(os.path.join(workdir, f"metrics_{split}.json"),
                               json.dumps(record, indent=1))
@@ -361,6 +363,8 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
         png = os.path.join(workdir, f"tsne_{split}.png")
         title = f"embeddings, {split} split, step {step}"
         plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points, title=title)
+        return png
+    return None
 
 
 def linear_probe_hint(config: ml_collections.ConfigDict, workdir: str) -> str | None:
@@ -428,10 +432,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _set_up(config: ml_collections.ConfigDict, workdir: str,
             preemption: PreemptionWatcher) -> _Run:
     """Data, model, steps, checkpoint manager and metric writer of a run."""
-    # The train extra (Grain, clu): the core above imports without it, as on accelerator images.
-    from clu import metric_writers, periodic_actions
-
-    from mosaic_jax import input_pipeline
+    # The train extra (Grain, tensorboardX): the core above imports without it, as on
+    # accelerator images.
+    from mosaic_jax import input_pipeline, tensorboard_writer
 
     workdir = checkpoints.resolve_workdir(workdir)  # a URL (gs://bucket/runs/x) as given
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -460,10 +463,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     state = init_state(config, model, tx)
     if config.init_from:
         state = load_pretrained(state, config.init_from)
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=config.num_train_steps, writer=writer, every_secs=None,
-        every_steps=config.log_every_steps)
+    writer = tensorboard_writer.create_writer(workdir, just_logging=not is_chief)
+    progress = tensorboard_writer.ReportProgress(
+        num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps)
     return _Run(config=config, workdir=workdir, is_chief=is_chief, mesh=mesh,
                 state=jax.device_put(state, NamedSharding(mesh, P())),
                 train_step=make_train_step(config, model, tx, mesh),
@@ -564,8 +566,12 @@ def _evaluate_and_write(run: _Run, state: TrainState, step: int) -> dict[str, An
                                   max_batches=config.eval_max_batches)
     metrics = multilabel_metrics(probs, labels)
     if run.is_chief:
-        write_eval_outputs(run.workdir, split, step, metrics, emb, labels, run.class_names,
-                           config.tsne_points)
+        png = write_eval_outputs(run.workdir, split, step, metrics, emb, labels,
+                                 run.class_names, config.tsne_points)
+        if png:
+            from mosaic_jax.tensorboard_writer import read_png  # the train extra (tensorboardX)
+
+            run.writer.write_images(step, {"eval/tsne": read_png(png)})
         run.writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()
                                         if isinstance(v, float)})
         print(f"step {step}: eval on {split} ({metrics['num_samples']} patches): "

@@ -419,18 +419,33 @@ def test_single_tower_resnet50_export(tmp_path):
     np.testing.assert_allclose(logits, ref["logits"], rtol=1e-4, atol=1e-4)
 
 
-def test_convnext_export_has_the_embedder_and_params_but_no_torchvision_files(tmp_path):
-    """ConvNeXt-V2 (no torchvision counterpart): msgpack, model.json and the jax.export
-    embedder, which gives the model's outputs; no safetensors and no encoder entries."""
+def test_convnext_export_has_the_embedder_params_and_timm_named_safetensors(tmp_path):
+    """ConvNeXt-V2: msgpack, model.json, the jax.export embedder (which gives the model's
+    outputs) and encoder.safetensors with timm's convnextv2_base names (tests/
+    test_convnext_timm.py checks the names, shapes and forward pass against timm's layout)."""
+    import safetensors.numpy
     from flax import serialization
+
+    from mosaic_jax import convnext_timm
 
     workdir, out, info = _export_untrained_supervised(tmp_path, "demo,convnext", 1 / 32)
     assert sorted(os.listdir(out)) == sorted(
-        ["config.json", "model.json", "params.msgpack", "embedder.jax_export"])
-    assert info["encoders"] == {}
+        ["config.json", "model.json", "params.msgpack", "embedder.jax_export",
+         "encoder.safetensors"])
     assert info["model"]["encoder"] == "convnextv2_base"
-
+    enc = info["encoders"]["s1s2"]
+    assert enc["in_channels"] == 12 and enc["dims"] == [4, 8, 16, 32] and enc["fc"]
+    assert enc["timm_create_model"] == (
+        "timm.create_model('convnextv2_base', pretrained=False, in_chans=12, num_classes=19, "
+        "dims=(4, 8, 16, 32))")
+    tensors = safetensors.numpy.load_file(os.path.join(out, "encoder.safetensors"))
     run = checkpoints.restore_variables(workdir)
+    want = convnext_timm.timm_state_dict(run.variables["params"]["enc"], conv_mlp=False,
+                                         classifier=run.variables["params"]["classifier"])
+    assert sorted(tensors) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(tensors[k], v)
+
     s1, s2 = _inputs(info, 3, seed=12)
     ref = _model_outputs(run, s1, s2)
     got = export.load_embedder(out)(s1, s2)

@@ -370,20 +370,18 @@ def test_tfds_source_patch_ids_and_pipeline(tmp_path):
     _tiny_tfds_dataset(str(tmp_path), 20)
     src = ip.open_source("mosaic_pipeline_tiny", "train", str(tmp_path))
     assert len(src) == 20
-    raw = src.data_source[0]
-    assert ip._bytes_feature(raw, b"patch_id") == src[0]["patch_id"]
-    assert ip._bytes_feature(raw, b"missing") is None
     ids = ip.read_patch_ids(src)
     assert ids == [ip._to_str(src[i]["patch_id"]) for i in range(20)]
     assert ip.read_patch_ids(src, chunk_size=3, num_threads=3) == ids
     assert sorted(ids) == sorted(e["patch_id"] for e in make_source(20))
-    # The raw decoder (used for s1, s2, labels) reproduces TFDS's own decoding exactly.
-    dec = ip._RawTfdsDecoder(src, ("s1", "s2", "labels"))
-    assert dec.ok
-    for i, got in enumerate(dec.read(range(20))):
+    # The reader decodes s1, s2 and labels only, exactly as the source's full decode does.
+    for i, got in enumerate(ip._FeatureReader(src, ("s1", "s2", "labels")).read(range(20))):
+        assert sorted(got) == ["labels", "s1", "s2"]
         for key in ("s1", "s2", "labels"):
             assert got[key].dtype == src[i][key].dtype
             np.testing.assert_array_equal(got[key], src[i][key])
+    with pytest.raises(KeyError, match="no feature \\['nir'\\]"):
+        ip._FeatureReader(src, ("s1", "nir"))
     b = ip.take(train_ds(src, train_fraction=0.7, label_fraction=0.5, global_batch_size=4), 2)
     want = ip.subset_mask(ids, 0.7, 0)
     for batch in b:
@@ -427,7 +425,6 @@ def test_real_bigearthnet_builder_end_to_end(tmp_path):
     ids = ip.read_patch_ids(src)
     assert ids == [ip._to_str(src[i]["patch_id"]) for i in range(n)]
     row_of = {pid: i for i, pid in enumerate(ids)}
-    assert ip._RawTfdsDecoder(src, ("s1", "s2", "labels")).ok  # the fast decode path applies
 
     ds = ip.make_train_dataset(src, dataset=BEN, global_batch_size=4, seed=0,
                                s1_bands="official12", s2_bands="official12",
