@@ -190,26 +190,34 @@ def _discount_cumsum(n: int) -> np.ndarray:
 
 
 def _ideal_dcg(query_labels: np.ndarray, combos: np.ndarray, counts: np.ndarray,
-               own: np.ndarray, ks: Sequence[int], gain: str) -> np.ndarray:
+               has_self: np.ndarray, ks: Sequence[int], gain: str) -> np.ndarray:
     """IDCG@k [Q, len(ks)] over an archive given as distinct label sets with their counts.
 
-    ``combos`` [U, C] bool, ``counts`` [U]; ``own`` [Q] the combo index of the query itself
-    (excluded once), -1 none. The best ranking sorts the archive by gain; a group of ``n``
-    patches of equal gain at ranks start+1..start+n adds (2^g - 1) (D[end] - D[start]).
+    ``combos`` [U, C] bool, ``counts`` [U]; ``has_self`` [Q] bool: the query itself is in the
+    archive and is left out once. Both gains depend only on the number of shared labels and the
+    archive set's size, so the archive is counted into (C + 1)^2 such bins per query; the best
+    ranking takes the bins by decreasing gain, and a bin of ``n`` patches at ranks
+    start+1..start+n adds (2^g - 1) (D[end] - D[start]).
     """
-    inter = query_labels.astype(np.float32) @ combos.T.astype(np.float32)
-    g = _gain(inter, query_labels.sum(1, keepdims=True), combos.sum(1)[None, :], gain)
-    n = np.broadcast_to(counts, g.shape).astype(np.int64).copy()
-    rows = np.flatnonzero(own >= 0)
-    n[rows, own[rows]] -= 1
+    q, c = query_labels.shape
+    side = c + 1
+    inter = np.rint(query_labels.astype(np.float32) @ combos.T.astype(np.float32)).astype(np.int64)
+    key = inter * side + combos.sum(1)[None, :]
+    flat = (np.arange(q)[:, None] * side * side + key).ravel()
+    weights = np.broadcast_to(counts.astype(np.float64), key.shape).ravel()
+    n = np.bincount(flat, weights=weights, minlength=q * side * side).reshape(q, side * side)
+    size_q = query_labels.sum(1)
+    rows = np.flatnonzero(has_self)
+    n[rows, size_q[rows] * side + size_q[rows]] -= 1
+    bins = np.arange(side * side)
+    g = _gain(np.broadcast_to(bins // side, n.shape), size_q[:, None], bins % side, gain)
     order = np.argsort(-g, axis=1, kind="stable")
     g = np.take_along_axis(g, order, axis=1)
-    n = np.take_along_axis(n, order, axis=1)
+    n = np.take_along_axis(n, order, axis=1).astype(np.int64)
     end = np.cumsum(n, axis=1)
     start = end - n
-    kmax = max(ks)
-    disc = _discount_cumsum(kmax)
-    out = np.empty((len(query_labels), len(ks)))
+    disc = _discount_cumsum(max(ks))
+    out = np.empty((q, len(ks)))
     for j, k in enumerate(ks):
         span = disc[np.minimum(end, k)] - disc[np.minimum(start, k)]
         out[:, j] = ((2.0 ** g - 1.0) * span).sum(1)
@@ -248,10 +256,14 @@ def per_query_metrics(query_labels: np.ndarray, archive_labels: np.ndarray, rank
                          f"(archive) and ranking {ranked.shape} do not fit")
     q = len(query_labels)
     own = np.full(q, -1) if self_index is None else np.asarray(self_index)
-    combos, inverse, counts = np.unique(archive_labels, axis=0, return_inverse=True,
-                                        return_counts=True)
-    inverse = inverse.reshape(-1)
-    own_combo = np.where(own >= 0, inverse[np.maximum(own, 0)], -1)
+    combos, counts = np.unique(archive_labels, axis=0, return_counts=True)
+    # The ideal ranking depends only on the query's label set (and whether it is in the
+    # archive): computed once per distinct pair.
+    pairs, which = np.unique(np.concatenate([query_labels, (own >= 0)[:, None]], axis=1),
+                             axis=0, return_inverse=True)
+    idcg = np.concatenate([_ideal_dcg(pairs[lo:lo + block, :-1], combos, counts,
+                                      pairs[lo:lo + block, -1], ks, gain)
+                           for lo in range(0, len(pairs), block)])[which.reshape(-1)]
     size_a = archive_labels.sum(1)
     kmax = max(ks)
     positions = np.arange(1, kmax + 1)
@@ -267,13 +279,12 @@ def per_query_metrics(query_labels: np.ndarray, archive_labels: np.ndarray, rank
         g = _gain(shared, yq.sum(1, keepdims=True), size_a[r], gain)
         dcg = np.cumsum((2.0 ** g - 1.0) * discounts, axis=1)
         prec_sum = np.cumsum(rel * hits / positions, axis=1)
-        idcg = _ideal_dcg(yq, combos, counts, own_combo[sl], ks, gain)
         ok = valid[sl]
         for j, k in enumerate(ks):
             hk = hits[:, k - 1]
             ap = np.divide(prec_sum[:, k - 1], hk, out=np.zeros(len(hk)), where=hk > 0)
-            ndcg = np.divide(dcg[:, k - 1], idcg[:, j], out=np.zeros(len(hk)),
-                             where=idcg[:, j] > 0)
+            ndcg = np.divide(dcg[:, k - 1], idcg[sl, j], out=np.zeros(len(hk)),
+                             where=idcg[sl, j] > 0)
             out[f"precision@{k}"][sl] = np.where(ok, hk / k, np.nan)
             out[f"map@{k}"][sl] = np.where(ok, ap, np.nan)
             out[f"ndcg@{k}"][sl] = np.where(ok, ndcg, np.nan)
