@@ -448,6 +448,21 @@ def report_table(named: Sequence[tuple[str, str, Mapping[str, Any]]]) -> tuple[s
     return "\n".join(md) + "\n", buf.getvalue()
 
 
+def report_files(runs: Sequence[Any]) -> tuple[dict[str, str], str | None]:
+    """({file name: content}, report.md section) for `mosaic_jax.report`: the retrieval table
+    of the runs (``workdir``, ``method``, ``dataset``) whose workdir has retrieval results."""
+    named = [(r.method, r.dataset, res) for r in runs
+             if (res := load_results(r.workdir)) is not None]
+    if not named:
+        return {}, None
+    md, table = report_table(named)
+    note = ("Cosine similarity; relevant = shares at least one label; NDCG gain from the "
+            "number of shared labels or their Jaccard overlap (each run's `gain`); from each "
+            "workdir's `retrieval/retrieval.json`.\n\n")
+    return ({"retrieval.md": f"# Retrieval\n\n{note}{md}", "retrieval.csv": table},
+            f"## Retrieval\n\n{note}{md}")
+
+
 def _load_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"embeddings file {path!r} does not exist (write it with "
