@@ -3,6 +3,10 @@ a hand-computed example, the modes and the command line."""
 
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -240,3 +244,22 @@ def test_command_line_from_npz_files(tmp_path, capsys):
     retrieval.main(["--query_npz", str(tmp_path / "a.npz"), "--archive_npz",
                     str(tmp_path / "a.npz"), "--output", str(out), "--ks", "5"])
     assert json.loads((out / "retrieval.json").read_text())["exclude_self"]
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_prints_the_table_and_writes_json(tmp_path):
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "retrieval.json"
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "benchmarks/retrieval.py", "--quick", "--output",
+                           str(out)], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| queries x archive " in proc.stdout and "| 200 x 3,000 " in proc.stdout
+    data = json.loads(out.read_text())
+    result = data["result"]
+    assert data["benchmark"] == "retrieval" and data["quick"] is True
+    assert (result["queries"], result["archive"], result["k"]) == (200, 3000, 100)
+    assert result["peak_rss_bytes"] >= result["rss_after_inputs_bytes"] > 0
+    # Random embeddings, random labels of density 0.15: precision is near chance.
+    assert 0.0 < result["map_at_10_random"] < 1.0
