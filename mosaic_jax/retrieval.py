@@ -355,6 +355,10 @@ def evaluate(query: Mapping[str, np.ndarray], archive: Mapping[str, np.ndarray],
     ks = sorted({int(k) for k in ks})
     self_index = None
     if exclude_self:
+        if "index" not in query or "index" not in archive:
+            raise ValueError("exclude_self finds each query in the archive by its 'index' "
+                             "(position in the split, written by mosaic_jax.embed); the "
+                             "query or the archive has none")
         position = {int(i): p for p, i in enumerate(np.asarray(archive["index"]))}
         self_index = np.asarray([position.get(int(i), -1) for i in np.asarray(query["index"])])
     kmax = min(max(ks), len(ya) - (1 if exclude_self else 0))

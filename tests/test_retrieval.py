@@ -206,6 +206,8 @@ def test_missing_outputs_fail_for_those_modes_only():
     retrieval.check_modes(["fused"], single, single, "q.npz", "a.npz")
     with pytest.raises(ValueError, match=r"mode 's1' needs the embedder output 'h_s1'.*q\.npz"):
         retrieval.check_modes(["s1"], single, single, "q.npz", "a.npz")
+    with pytest.raises(ValueError, match="exclude_self finds each query .* 'index'"):
+        retrieval.evaluate(single, single, modes=["fused"], ks=[1], exclude_self=True)
     old = {**single, "h_s1": np.zeros((3, 2)), "h_s2": np.zeros((3, 2))}
     with pytest.raises(ValueError, match=r"'s2_to_s1' needs the embedder output 'inter_s2'"):
         retrieval.check_modes(["s2_to_s1"], old, old, "q.npz", "a.npz")
