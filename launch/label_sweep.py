@@ -120,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "rerun the sweep to continue from it", file=sys.stderr)
             return 1
     if not args.dry_run:
+        report = shlex.quote(args.root.rstrip("/") + "_report")
         print(f"Done. The curve: python -m mosaic_jax.report --workdirs "
-              f"{shlex.quote(args.root)}/* --output {shlex.quote(args.root)}/report")
+              f"{shlex.quote(args.root)}/* --output {report}")
     return 0
 
 
