@@ -109,15 +109,15 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, Any]:
     """Host arrays of one global batch: normalised-looking S1/S2, multi-hot labels, all labelled."""
     import numpy as np
 
-    from mosaic_jax import train
+    from mosaic_jax import configuration, models
 
-    (h, w, c1), (_, _, c2) = train.input_shapes(config)
+    (h, w, c1), (_, _, c2) = models.input_shapes(config)
     b = config.batch_size
     rng = np.random.default_rng(seed)
     return {
         "s1": rng.standard_normal((b, h, w, c1), dtype=np.float32),
         "s2": rng.standard_normal((b, h, w, c2), dtype=np.float32),
-        "labels": (rng.random((b, config.data.num_classes)) < 0.15).astype(np.float32),
+        "labels": (rng.random((b, configuration.num_classes(config))) < 0.15).astype(np.float32),
         "label_mask": np.ones((b,), bool),
     }
 
@@ -129,7 +129,7 @@ def bench_workload(name: str, args: argparse.Namespace, peak: float | None) -> d
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from mosaic_jax import train
+    from mosaic_jax import models, train
 
     config = build_config(name, args)
     module = WORKLOADS[name][0]
@@ -142,7 +142,7 @@ def bench_workload(name: str, args: argparse.Namespace, peak: float | None) -> d
         "remat": config.model.remat, "inter_view": config.loss.inter_view,
     }
     mesh = train.make_mesh()
-    model = train.create_model(config)
+    model = models.create_model(config)
     tx = train.create_optimizer(config)
     # One jitted program: compiles faster on CPU than initialising op by op; same values.
     state = jax.jit(lambda: train.init_state(config, model, tx))()

@@ -7,7 +7,7 @@ statistics), runs ``OUT/embedder.jax_export`` on every batch and writes one ``.n
 temp file, then rename) with, for the N patches of the split in source order:
 
 - one float32 [N, ...] array per embedder output (``embedding``, ``h_s1``, ``h_s2``,
-  ``probs``; see the export's ``model.json``);
+  ``inter_s1``, ``inter_s2``, ``probs``; see the export's ``model.json``);
 - ``labels`` bool [N, C], ``index`` int64 [N] (position in the split), ``patch_id`` str [N]
   (unless ``--no_patch_ids``) and ``class_names`` str [C].
 """

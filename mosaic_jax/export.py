@@ -9,13 +9,13 @@ a training workdir (or ``--step``):
   section, dataset, class names, the input bands of S1 and S2 in channel order with their
   normalisation mean/std, the input size, the embedder's outputs and the encoder files.
 - ``OUT/embedder.jax_export``: a serialized ``jax.export`` of
-  ``(s1 [b, S, S, c1], s2 [b, S, S, c2]) -> {"embedding", "h_s1", "h_s2", "probs"}`` (two
-  towers; single tower: ``{"embedding", "probs"}``), inputs normalised as in ``model.json``
-  (``(x - mean) / std`` per band) and ``S`` = ``input_size`` (the dataset's patch size by
-  default). It centre-resizes to the training resolution itself, exactly like the evaluation of
-  the training program, and has the parameters baked in: the batch size ``b`` is symbolic and
-  only jax is needed to run it (`load_embedder`). Both inputs are always required; a
-  single-tower model ignores the modality it was not trained on.
+  ``(s1 [b, S, S, c1], s2 [b, S, S, c2]) -> {"embedding", "h_s1", "h_s2", "inter_s1",
+  "inter_s2", "probs"}`` (two towers; single tower: ``{"embedding", "probs"}``), inputs
+  normalised as in ``model.json`` (``(x - mean) / std`` per band) and ``S`` = ``input_size``
+  (the dataset's patch size by default). It centre-resizes to the training resolution itself,
+  exactly like the evaluation of the training program, and has the parameters baked in: the
+  batch size ``b`` is symbolic and only jax is needed to run it (`load_embedder`). Both inputs
+  are always required; a single-tower model ignores the modality it was not trained on.
 - for ResNet encoders, ``OUT/encoder_s1.safetensors`` and ``OUT/encoder_s2.safetensors`` (single
   tower: ``OUT/encoder.safetensors``) with torchvision names and layouts (see
   `resnet_state_dict`), loadable by PyTorch / TorchGeo users, e.g.::
@@ -255,6 +255,9 @@ def make_embed_fn(config: Any, variables: Mapping[str, Any], input_size: int
         described = {"embedding": "fused encoder features h_fused = [h_s1, h_s2] (S1 first)",
                      "h_s1": "S1 encoder features (global average pool)",
                      "h_s2": "S2 encoder features (global average pool)",
+                     "inter_s1": "S1 inter-modal projection (the space the inter-modal term "
+                                 "aligns with inter_s2; cross-modal retrieval)",
+                     "inter_s2": "S2 inter-modal projection (aligned with inter_s1)",
                      "probs": "sigmoid of the classifier logits, one per class"}
     else:
         described = {"embedding": f"encoder features h of the {config.model.inputs} input",
@@ -269,7 +272,7 @@ def make_embed_fn(config: Any, variables: Mapping[str, Any], input_size: int
         probs = jax.nn.sigmoid(out["logits"].astype(jnp.float32))
         if two:
             return {"embedding": out["h_fused"], "h_s1": out["h_s1"], "h_s2": out["h_s2"],
-                    "probs": probs}
+                    "inter_s1": out["inter_s1"], "inter_s2": out["inter_s2"], "probs": probs}
         return {"embedding": out["h"], "probs": probs}
 
     return fn, described

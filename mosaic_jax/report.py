@@ -12,6 +12,10 @@ workdir's ``config.json`` and ``metrics_<split>.json`` (written by
   ``<metric>_per_class_<dataset>.csv``;
 - ``ap_per_class_<dataset>.png``: grouped bar chart of the AP of every class for every method;
 - ``tsne/<method>_<dataset>.png``: a copy of each run's t-SNE picture (when it has one);
+- ``retrieval.md`` / ``retrieval.csv``: precision, mAP and NDCG at k per run and mode, when
+  workdirs hold ``retrieval/retrieval.json`` (`mosaic_jax.retrieval`);
+- ``label_efficiency.png`` / ``.csv``: macro and micro AP against the labelled fraction, when
+  the runs differ in it (`mosaic_jax.label_efficiency`);
 - ``report.md``: all of the above on one page.
 
 A method is named after the run's objective (the workdir's name when it has no config); runs of
@@ -34,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from data_builders import atomic_files, datasets
+from mosaic_jax import label_efficiency, retrieval
 from mosaic_jax.checkpoints import CONFIG_FILE
 
 HEADLINE = (("macro_ap", "macro AP"), ("micro_ap", "micro AP"), ("macro_f1", "macro F1"),
@@ -279,6 +284,13 @@ def write_report(workdirs: Sequence[str], output: str, *, split: str = "validati
             put(name, f.read())
         pictures.append((r, name))
 
+    extra = []  # retrieval table and label-efficiency curve, when the runs have them
+    for more, section in (retrieval.report_files(runs),
+                          label_efficiency.report_files(runs, split)):
+        for name, data in more.items():
+            put(name, data)
+        extra += [section] if section else []
+
     lines = [f"# Results report ({split} split)", "", "Runs:", ""]
     for r in runs:
         lines.append(f"- **{r.method}** on {r.dataset}: `{r.workdir}`, step "
@@ -295,7 +307,7 @@ def write_report(workdirs: Sequence[str], output: str, *, split: str = "validati
         lines.append(f"### {r.method}, {r.dataset}\n")
         lines.append(f"![t-SNE {r.method}]({name})\n" if name else
                      f"(no tsne_{split}.png in {r.workdir})\n")
-    put("report.md", "\n".join(lines))
+    put("report.md", "\n".join(lines + extra))
     return {"runs": runs, "files": files}
 
 

@@ -161,7 +161,8 @@ def test_export_writes_the_files_and_describes_the_model(workdir, out, restored)
         np.testing.assert_allclose(spec["std"], std, rtol=1e-6)
     assert info["inputs"]["s1"]["bands"] == ["VV", "VH"]
     assert info["input_size"] == 120 and info["model_input_size"] == 16
-    assert info["embedding_keys"] == ["embedding", "h_s1", "h_s2", "probs"]
+    assert info["embedding_keys"] == ["embedding", "h_s1", "h_s2", "inter_s1", "inter_s2",
+                                      "probs"]
     assert info["embedder"]["outputs"]["embedding"]["shape"] == ["b", 32]
     assert info["embedder"]["outputs"]["probs"]["shape"] == ["b", 19]
     assert set(info["embedder"]["platforms"]) == {"cpu", "cuda", "tpu"}
@@ -178,7 +179,8 @@ def test_exported_embedder_gives_the_model_outputs(out, restored, n):
     got = embed(s1, s2)
     ref = _model_outputs(restored, s1, s2)
     assert sorted(got) == info["embedding_keys"]
-    for key, ref_key in (("embedding", "h_fused"), ("h_s1", "h_s1"), ("h_s2", "h_s2")):
+    for key, ref_key in (("embedding", "h_fused"), ("h_s1", "h_s1"), ("h_s2", "h_s2"),
+                         ("inter_s1", "inter_s1"), ("inter_s2", "inter_s2")):
         assert got[key].shape == (n, *info["embedder"]["outputs"][key]["shape"][1:])
         np.testing.assert_allclose(got[key], ref[ref_key], rtol=1e-5, atol=1e-5, err_msg=key)
     np.testing.assert_allclose(got["probs"], jax.nn.sigmoid(ref["logits"]), rtol=1e-5, atol=1e-6)
