@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from mosaic_jax import atomic_files, train
+from mosaic_jax.configuration import validate_config
 
 GIB = 1024**3
 
@@ -274,15 +275,12 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
                          eval_step: bool = True) -> dict[str, Any]:
     """Compiles `config`'s train (and eval) step for a TPU slice; returns the report dict.
 
-    Raises LibtpuMissingError without libtpu, ValueError for a bad topology or a batch size
-    the chips do not divide (naming the flag or config key).
+    Raises LibtpuMissingError without libtpu, ValueError for a bad topology or config (an
+    invalid key, a batch size the chips do not divide), naming the flag or config key.
     """
     devices = topology_devices(topology)
     chips = len(devices)
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % chips:
-            raise ValueError(f"config key {key!r} = {config[key]} is not divisible by the "
-                             f"{chips} chips of {topology}")
+    validate_config(config, device_count=chips)
     kind = devices[0].device_kind
     hbm = hbm_bytes(kind)
     mesh = train.make_mesh(devices)
@@ -379,13 +377,10 @@ flags.mark_flags_as_required(["config", "topology"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from mosaic_jax.configuration import validate_config
-
     compile_only_environment()
     if "JAX_PLATFORMS" not in os.environ:  # the host runs nothing: XLA:TPU only compiles
         jax.config.update("jax_platforms", "cpu")
     try:
-        validate_config(FLAGS.config)
         report = compile_for_topology(FLAGS.config, FLAGS.topology, eval_step=FLAGS.eval_step)
     except (ValueError, LibtpuMissingError) as e:
         print(f"error: {e}", file=sys.stderr)
