@@ -15,7 +15,7 @@ the larger program. The JSON (`--output`) is rewritten after every row, and rows
 are not compiled again, so a sweep that was stopped resumes where it was.
 
 Usage: python benchmarks/aot_sweep.py [--part weak|fit|all] [--workloads ...]
-       [--topologies ...] [--per_chip_batch 64] [--quick] [--output PATH]
+       [--topologies ...] [--per_chip_batch 64] [--quick] [--output PATH] [--markdown]
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS_DIR, format_table, machine_info, write_json  # noqa: E402
+
+# The purposes mosaic_jax.aot gives collectives (not imported: this script needs no jax).
+LOSS_GATHER = "loss: all-gathered embeddings/labels"
+GRADIENTS = "gradient all-reduce"
+BATCHNORM = "BatchNorm statistics"
 
 # name -> (config file, config overrides)
 WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -160,6 +165,31 @@ class Sweep:
         return record
 
 
+def markdown(payload: dict[str, Any]) -> str:
+    """The sweep's rows as the Markdown table of benchmarks/RESULTS.md (GiB and MiB per chip)."""
+    head = ("| workload | topology | chips | per-chip / global batch | remat, block | per-chip "
+            "memory (args / temps / total) | of HBM | TFLOP/chip | loss all-gather | gradient "
+            "all-reduce | BN stats | compile s | status |")
+    lines = [head, "|" + "---|" * 13]
+    mib = lambda n: f"{n / 1024**2:.2f} MiB"  # noqa: E731
+    for r in payload["rows"]:
+        if "memory_bytes" not in r:
+            lines.append(f"| {r['workload']} | {r['topology']} | | {r['per_chip_batch']} | "
+                         f"{r['remat']}, {r['loss_block_size']} | | | | | | | | "
+                         f"{r['status']}: {r.get('error', '')} |")
+            continue
+        m, c = r["memory_bytes"], r["collective_bytes"]
+        lines.append(
+            f"| {r['workload']} | {r['topology']} | {r['chips']} | {r['per_chip_batch']} / "
+            f"{r['global_batch']} | {r['remat']}, {r['loss_block_size']} | "
+            f"{m['arguments'] / 1024**3:.2f} / {m['temporaries'] / 1024**3:.2f} / "
+            f"{m['total'] / 1024**3:.2f} GiB | {m['total'] / r['hbm_bytes_per_chip']:.0%} | "
+            f"{(r['flops_per_chip'] or 0) / 1e12:.2f} | {mib(c.get(LOSS_GATHER, 0))} | "
+            f"{mib(c.get(GRADIENTS, 0))} | {mib(c.get(BATCHNORM, 0))} | {r['compile_s']:.0f} | "
+            f"{r['status']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=("weak", "fit", "all"), default="all")
@@ -175,11 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per compile")
     p.add_argument("--quick", action="store_true", help="tiny models (smoke test)")
     p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--markdown", action="store_true",
+                   help="print the rows already in --output as RESULTS.md's table; compile nothing")
     args = p.parse_args(argv)
     if args.per_chip_batch < 1 or args.resolution < 1:
         p.error("--per_chip_batch and --resolution must be positive")
     output = args.output or RESULTS_DIR / ("aot_sweep_quick.json" if args.quick
                                            else "aot_sweep.json")
+    if args.markdown:
+        print(markdown(json.loads(output.read_text())))
+        return 0
     sweep = Sweep(output, args.quick, args.timeout)
     if args.part in ("weak", "all"):
         for topology in args.topologies:

@@ -17,6 +17,7 @@ import jax
 import pytest
 from conftest import hide_packages_source, tiny
 
+from benchmarks import aot_sweep
 from benchmarks.aot_sweep import aot_command, chips_of, largest_fitting
 from mosaic_jax import aot
 
@@ -134,6 +135,9 @@ def test_sweep_command_is_weak_scaling():
     assert argv[1:3] == ["-m", "mosaic_jax.aot"]
     assert "--config.batch_size=1024" in argv and "--config.augment.out_size=256" in argv
     assert "--config.model.dtype=bfloat16" in argv and "--topology=v5e:4x4" in argv
+    # The sweep (no jax) names the purposes as mosaic_jax.aot does.
+    assert (aot_sweep.LOSS_GATHER, aot_sweep.GRADIENTS, aot_sweep.BATCHNORM) == \
+        (aot.LOSS_GATHER, aot.GRADIENTS, aot.BATCHNORM)
 
 
 # ----------------------------------------------------------------------------- with libtpu
