@@ -169,13 +169,13 @@ def markdown(payload: dict[str, Any]) -> str:
     """The sweep's rows as the Markdown table of benchmarks/RESULTS.md (GiB and MiB per chip)."""
     head = ("| workload | topology | chips | per-chip / global batch | remat, block | per-chip "
             "memory (args / temps / total) | of HBM | TFLOP/chip | loss all-gather | gradient "
-            "all-reduce | BN stats | compile s | status |")
-    lines = [head, "|" + "---|" * 13]
+            "all-reduce | BN stats | other | compile s | status |")
+    lines = [head, "|" + "---|" * 14]
     mib = lambda n: f"{n / 1024**2:.2f} MiB"  # noqa: E731
     for r in payload["rows"]:
         if "memory_bytes" not in r:
             lines.append(f"| {r['workload']} | {r['topology']} | | {r['per_chip_batch']} | "
-                         f"{r['remat']}, {r['loss_block_size']} | | | | | | | | "
+                         f"{r['remat']}, {r['loss_block_size']} | | | | | | | | | "
                          f"{r['status']}: {r.get('error', '')} |")
             continue
         m, c = r["memory_bytes"], r["collective_bytes"]
@@ -185,7 +185,9 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{m['arguments'] / 1024**3:.2f} / {m['temporaries'] / 1024**3:.2f} / "
             f"{m['total'] / 1024**3:.2f} GiB | {m['total'] / r['hbm_bytes_per_chip']:.0%} | "
             f"{(r['flops_per_chip'] or 0) / 1e12:.2f} | {mib(c.get(LOSS_GATHER, 0))} | "
-            f"{mib(c.get(GRADIENTS, 0))} | {mib(c.get(BATCHNORM, 0))} | {r['compile_s']:.0f} | "
+            f"{mib(c.get(GRADIENTS, 0))} | {mib(c.get(BATCHNORM, 0))} | "
+            f"{mib(sum(v for k, v in c.items() if k not in (LOSS_GATHER, GRADIENTS, BATCHNORM)))}"
+            f" | {r['compile_s']:.0f} | "
             f"{r['status']} |")
     return "\n".join(lines)
 
