@@ -5,7 +5,9 @@ Steps: create the TPU (or reuse it with --reuse), copy the code to every worker 
 this checkout, or a `git clone` of --repo), install it into a virtual environment on every
 worker, start `python -m mosaic_jax.main ... --multiprocess` on all workers at once, and
 optionally delete the TPU afterwards. --dry-run prints the commands, one per line, and runs
-nothing. Standard library only.
+nothing. --aot_check=TOPOLOGY first compiles the run for that TPU topology on this machine
+(`python -m mosaic_jax.aot`, which needs jax[tpu] here) and stops, before anything is created,
+when it does not fit. Standard library only.
 
 Example:
   python launch/tpu_pod.py --name=mosaic-v4 --zone=us-central2-b --accelerator_type=v4-32 \
@@ -73,6 +75,13 @@ def _accelerator(value: str) -> str:
     return value
 
 
+def _topology(value: str) -> str:
+    if not re.fullmatch(r"v\d+[a-z]*:\d+(x\d+){1,2}", value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected a TPU topology such as v5e:4x4 or v4:2x2x4")
+    return value
+
+
 def _home_name(value: str) -> str:
     """A plain file or directory name, used inside $HOME on the workers."""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", value):
@@ -130,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log file on each worker, in $HOME (the previous one becomes .1)")
     run.add_argument("--detach", action="store_true",
                      help="start training in the background and return at once")
+    p.add_argument("--aot_check", default=None, type=_topology, metavar="TOPOLOGY",
+                   help="first compile the run's train and eval steps here for this TPU "
+                   "topology (e.g. v5e:4x4 for v5litepod-16; needs jax[tpu] locally) and stop "
+                   "before anything starts if they do not fit the chips' HBM; also with "
+                   "--dry-run")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the commands, one per line, and run nothing")
     return p
@@ -378,9 +392,36 @@ def launch(launcher: Launcher) -> None:
         _run(launcher.delete(), "deleting the TPU")
 
 
+def aot_check_command(args: argparse.Namespace) -> list[str]:
+    """argv of the local ahead-of-time check (`python -m mosaic_jax.aot`) of the run."""
+    return [sys.executable, "-m", "mosaic_jax.aot", f"--config={args.config}",
+            f"--topology={args.aot_check}", *args.override]
+
+
+def aot_check(args: argparse.Namespace) -> None:
+    """Compiles the run for `--aot_check`'s topology on this machine; LaunchError unless the
+    steps fit (exit status 1 of mosaic_jax.aot) or compile at all (any other status)."""
+    argv = aot_check_command(args)
+    root = args.repo if not args.git_url else str(REPO_ROOT)
+    print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
+    status = subprocess.run(argv, cwd=root, stdout=sys.stderr).returncode
+    if status == 1:
+        raise LaunchError(f"the run does not fit {args.aot_check} (see the table above); "
+                          "lower batch_size, or set model.remat=True or loss.block_size")
+    if status != 0:
+        raise LaunchError(f"the ahead-of-time check failed (exit status {status}): "
+                          f"{shlex.join(argv)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     launcher = Launcher(args)
+    if args.aot_check:
+        try:
+            aot_check(args)
+        except LaunchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if args.dry_run:
         dry_run(launcher)
         return 0

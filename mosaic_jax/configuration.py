@@ -177,8 +177,9 @@ def _fail(key: str, message: str) -> None:
     raise ConfigError(f"config key '{key}': {message}")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first unknown or invalid key."""
+def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+    """Raises ValueError naming the first unknown or invalid key. Batch sizes must divide by
+    `device_count` (default: this process's `jax.device_count()`)."""
     objective = config.get("objective")
     if objective not in objectives.OBJECTIVES:
         _fail("objective", f"unknown objective {objective!r}; valid: "
@@ -269,7 +270,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:  # its messages start with the field's name
         _fail(f"augment.{str(e).split()[0]}", str(e))
 
-    devices = jax.device_count()
+    devices = jax.device_count() if device_count is None else device_count
     if config.batch_size % devices:
         _fail("batch_size", f"{config.batch_size} is not divisible by the {devices} devices")
     if config.eval_batch_size % devices:
