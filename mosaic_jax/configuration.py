@@ -51,6 +51,7 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.data.demo = False                  # write and prepare a small synthetic dataset
     c.data.demo_num_patches = 600
     c.data.demo_seed = 0
+    c.data.demo_cache_dir = ""           # "": $MOSAIC_JAX_CACHE, else ~/.cache/mosaic_jax
 
     c.augment = ml_collections.ConfigDict()
     c.augment.out_size = 120
@@ -232,6 +233,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if objective != "supervised":
             _fail("train_mode", "a linear probe trains the classifier with objective "
                   "'supervised'")
+    if not isinstance(config.data.demo_cache_dir, str):
+        _fail("data.demo_cache_dir", f"must be a folder path or '', got "
+              f"{config.data.demo_cache_dir!r}")
     if not isinstance(config.init_from, str):
         _fail("init_from", f"must be a workdir path or '', got {config.init_from!r}")
 

@@ -31,7 +31,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mosaic_jax import atomic_files, augment, objectives
+from mosaic_jax import atomic_files, augment, console, objectives
 from mosaic_jax.models import SingleTower, TwoTower
 
 DATA_AXIS = "data"
@@ -336,8 +336,10 @@ def evaluate(config, state, eval_step, eval_ds, mesh, *, max_batches: int = 0):
 
 def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
                        embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
-                       tsne_points: int) -> None:
-    """JSON and markdown metrics, a t-SNE PNG, and a line in the eval history (process 0)."""
+                       tsne_points: int, embedding_name: str = "embeddings") -> np.ndarray | None:
+    """JSON and markdown metrics, a t-SNE PNG, and a line in the eval history (process 0).
+
+    Returns the t-SNE picture as [H, W, 3] uint8 (None when none was drawn)."""
     from mosaic_jax.metrics import format_metrics_markdown
     from mosaic_jax.tsne_plot import plot_tsne
 
@@ -356,8 +358,17 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
             f.write(line)
     if tsne_points > 0 and len(embeddings) >= 5:
         png = os.path.join(workdir, f"tsne_{split}.png")
-        title = f"embeddings, {split} split, step {step}"
-        plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points, title=title)
+        title = f"t-SNE of the {embedding_name}, {split} split, step {step}"
+        return plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points,
+                         title=title)
+    return None
+
+
+def embedding_name(config: ml_collections.ConfigDict) -> str:
+    """What the evaluation's embedding is (the t-SNE picture's title says it)."""
+    if config.model.kind == "two_tower":
+        return "fused S1+S2 encoder features (h_fused)"
+    return f"{config.model.inputs.upper()} encoder features (h)"
 
 
 def linear_probe_hint(config: ml_collections.ConfigDict, workdir: str) -> str | None:
@@ -404,21 +415,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         config = adopt_pretrained_model(config)
         validate_config(config)
     workdir = checkpoint_io.resolve_workdir(workdir)  # a URL (gs://bucket/runs/x) as given
+    checkpoint_io.check_workdir_matches(workdir, config)  # before any compile
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     d = config.data
 
     data_dir = os.path.expanduser(d.data_dir)
-    if d.demo:
-        from jax.experimental import multihost_utils
+    if d.demo:  # every process prepares or waits (a file lock), then reads the shared cache
+        from mosaic_jax.demo_data import demo_data_dir
 
-        from mosaic_jax.demo_data import prepare_demo_dataset
-
-        demo_root = os.path.join(workdir, "demo_data")
-        if is_chief:
-            prepare_demo_dataset(demo_root, num_patches=d.demo_num_patches, seed=d.demo_seed)
-        multihost_utils.sync_global_devices("demo dataset prepared")
-        data_dir = os.path.join(demo_root, "tfds")
+        data_dir = demo_data_dir(d.demo_cache_dir, num_patches=d.demo_num_patches,
+                                 seed=d.demo_seed, verbose=is_chief)
     train_source = input_pipeline.open_source(d.name, d.train_split, data_dir)
     eval_source = input_pipeline.open_source(d.name, d.eval_split, data_dir)
     train_ds = input_pipeline.make_train_dataset(
@@ -436,6 +443,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = init_state(config, model, tx)
     if config.init_from:
         state = load_pretrained(state, config.init_from)
+        if is_chief:
+            print(console.init_from_line(config.init_from, checkpoint_io.latest_step(
+                config.init_from), config.train_mode), flush=True)
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
     train_step = make_train_step(config, model, tx, mesh)
@@ -478,8 +488,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       max_batches=config.eval_max_batches)
         metrics = multilabel_metrics(probs, labels)
         if is_chief:
-            write_eval_outputs(workdir, d.eval_split, step, metrics, emb, labels, class_names,
-                               config.tsne_points)
+            picture = write_eval_outputs(workdir, d.eval_split, step, metrics, emb, labels,
+                                         class_names, config.tsne_points, embedding_name(config))
+            if picture is not None:
+                writer.write_images(step, {f"tsne/{d.eval_split}": picture[None]})
             writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()
                                         if isinstance(v, float)})
             print(f"step {step}: eval on {d.eval_split} ({metrics['num_samples']} patches): "
@@ -534,7 +546,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         chance = metrics["label_frequency_macro_ap"]
         verdict = ("clearly above" if metrics["macro_ap"] > chance + 0.1 else
                    "NOT clearly above")
-        print(f"Done: {final_step} steps in {time.time() - t0:.0f} s. Final macro AP "
+        print(f"{console.done_line(final_step, start_step, time.time() - t0)} Final macro AP "
               f"{metrics['macro_ap']:.4f} is {verdict} the {chance:.4f} that label frequencies "
               f"alone give. Outputs in {workdir}", flush=True)
         hint = linear_probe_hint(config, workdir)
