@@ -33,12 +33,12 @@ _OS_ERRORS = {  # errno -> (text that libraries print for it, what to do)
     errno.ENOSPC: ("No space left on device",
                    "free some space there or choose a folder on another disk"),
     errno.EROFS: ("Read-only file system",
-                  "choose a writable folder (e.g. another --workdir)"),
+                  "choose a writable folder"),
     errno.EACCES: ("Permission denied",
-                   "choose a folder you may write to (e.g. another --workdir) or fix its "
+                   "choose a folder you may write to or fix its "
                    "permissions"),
     errno.EPERM: ("Operation not permitted",
-                  "choose a folder you may write to (e.g. another --workdir)"),
+                  "choose a folder you may write to"),
 }
 _OS_SUMMARY = {errno.ENOSPC: "no space left on the device",
                errno.EROFS: "read-only file system",

@@ -38,7 +38,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mosaic_jax import atomic_files
+from mosaic_jax import atomic_files, cli_errors, console
 
 HEADLINE = (("macro_ap", "macro AP"), ("micro_ap", "micro AP"), ("macro_f1", "macro F1"),
             ("micro_f1", "micro F1"))
@@ -353,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split", default="validation", help="evaluation split to compare")
     parser.add_argument("--names", nargs="+", default=None,
                         help="method names, one per workdir (default: objectives)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the traceback of an error, not only its one line")
     args = parser.parse_args(argv)
     try:
         result = write_report(args.workdirs, args.output, split=args.split, names=args.names)
@@ -363,5 +365,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    console.quiet_console()
+    cli_errors.run_cli(main)
 
