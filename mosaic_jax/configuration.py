@@ -108,6 +108,7 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
 
 
 COMMON_ARGS = ("demo", "sen12ms")
+SEN12MS_DEMO_PATCHES = 120
 
 
 def parse_args(arg: str | None, valid: tuple[str, ...]) -> tuple[str, ...]:
@@ -120,16 +121,17 @@ def parse_args(arg: str | None, valid: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def apply_args(c: ml_collections.ConfigDict, args: tuple[str, ...]) -> ml_collections.ConfigDict:
-    """Applies the common arguments: `sen12ms` switches the dataset, `demo` the demo sizes."""
+    """Applies the common arguments: `sen12ms` switches the dataset, `demo` the demo sizes
+    (with `sen12ms`: a synthetic SEN12MS prepared by the real builder)."""
     if "sen12ms" in args:
-        if "demo" in args:
-            raise ValueError("the demo uses synthetic BigEarthNet v2 data; drop 'sen12ms'")
         c.data.name = "sen12ms"
         c.data.num_classes = DATASETS["sen12ms"]
         c.data.eval_split = "validation"
         c.augment.out_size = 128         # random crops of the 256 px patches
     if "demo" in args:
         demo_overrides(c)
+        if "sen12ms" in args:  # 256 px patches: fewer of them (~210 MB prepared)
+            c.data.demo_num_patches = SEN12MS_DEMO_PATCHES
     return c
 
 

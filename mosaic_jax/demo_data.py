@@ -1,11 +1,14 @@
-"""The embedded demo dataset: synthetic BigEarthNet v2 in the official layout, prepared by the
-real `bigearthnet_v2` builder, so the demo exercises the same code as a real run.
+"""The embedded demo datasets: synthetic BigEarthNet v2 or SEN12MS in the official layout,
+prepared by the real `bigearthnet_v2` / `sen12ms` builder, so the demo exercises the same code
+as a real run.
 
-Classes are learnable from spectra and texture, and S1 and S2 agree (see
-`data_builders.fake_bigearthnet`). The prepared dataset is written once into a shared cache,
-one folder per (generator version, number of patches, seed), and reused by every demo run:
+Classes are learnable from the images, and S1 and S2 agree (see
+`data_builders.fake_bigearthnet`; for SEN12MS `data_builders.fake_sen12ms.learnable_triplet`:
+every pixel's spectrum follows its IGBP class). The prepared dataset is written once into a
+shared cache, one folder per (dataset, generator version, number of patches, seed), and reused
+by every demo run:
 
-    <cache>/demo_data/bigearthnet_v2-v<VERSION>-n<patches>-seed<seed>/tfds   (TFDS data_dir)
+    <cache>/demo_data/<dataset>-v<VERSION>-n<patches>-seed<seed>/tfds   (TFDS data_dir)
 
 `<cache>` is the config key `data.demo_cache_dir` when set, else `$MOSAIC_JAX_CACHE`, else
 `~/.cache/mosaic_jax`. Two runs that start at once take turns through a file lock: the first
@@ -36,10 +39,40 @@ def cache_root(configured: str = "") -> str:
     return os.path.abspath(os.path.expanduser(root))
 
 
-def demo_root(cache: str, *, num_patches: int, seed: int,
-              version: int = GENERATOR_VERSION) -> str:
+def demo_root(cache: str, *, num_patches: int, seed: int, version: int = GENERATOR_VERSION,
+              dataset: str = "bigearthnet_v2") -> str:
     """The folder of one demo dataset in `cache`, keyed by everything that changes its bytes."""
-    return os.path.join(cache, "demo_data", f"bigearthnet_v2-v{version}-n{num_patches}-seed{seed}")
+    return os.path.join(cache, "demo_data",
+                        f"{dataset}-v{version}-n{num_patches}-seed{seed}")
+
+
+def sen12ms_demo_scenes(num_patches: int) -> dict[tuple[str, int], list[int]]:
+    """Patch numbers per fake SEN12MS scene: a quarter of `num_patches` in the validation scene,
+    4 in the hold-out (test) scene, the rest split between the two train scenes (see
+    `data_builders.fake_sen12ms.DEFAULT_SCENES`)."""
+    from data_builders.fake_sen12ms import DEFAULT_SCENES
+
+    test, validation, train_a, train_b = (("spring", 63), ("fall", 6), ("summer", 146),
+                                          ("winter", 2))
+    assert {test, validation, train_a, train_b} == set(DEFAULT_SCENES)
+    n_val = max(num_patches // 4, 1)
+    n_train = max(num_patches - n_val - 4, 2)
+    counts = {test: 4, validation: n_val, train_a: n_train // 2,
+              train_b: n_train - n_train // 2}
+    return {scene: list(range(1, n + 1)) for scene, n in counts.items()}
+
+
+def _write_raw(dataset: str, raw: str, num_patches: int, seed: int) -> None:
+    if dataset == "sen12ms":
+        from data_builders.fake_sen12ms import write_fake_sen12ms
+
+        scenes = sen12ms_demo_scenes(num_patches)
+        write_fake_sen12ms(raw, list(scenes), scenes, seed=seed,
+                           include_broken_triplet=False, learnable=True)
+    else:
+        from data_builders.fake_bigearthnet import write_fake_bigearthnet
+
+        write_fake_bigearthnet(raw, num_patches, seed=seed)
 
 
 @contextlib.contextmanager
@@ -56,32 +89,33 @@ def _locked(path: str) -> Iterator[None]:
 
 
 def prepare_demo_dataset(root: str, *, num_patches: int = 600, seed: int = 0,
-                         verbose: bool = True) -> str:
+                         verbose: bool = True, dataset: str = "bigearthnet_v2") -> str:
     """Writes the raw files under `root/raw` and prepares them into `root/tfds`, once.
 
     Safe to call from several processes at once (a file lock beside `root`). Returns the TFDS
-    data_dir to read the `bigearthnet_v2` dataset from.
+    data_dir to read `dataset` ("bigearthnet_v2" or "sen12ms") from.
     """
+    import importlib
+
     import tensorflow_datasets as tfds
 
-    import data_builders.bigearthnet_v2  # noqa: F401  (registers the builder)
-    from data_builders.fake_bigearthnet import write_fake_bigearthnet
+    importlib.import_module(f"data_builders.{dataset}")  # registers the builder
 
     raw = os.path.join(root, "raw")
     data_dir = os.path.join(root, "tfds")
     say = print if verbose else (lambda *a, **k: None)
     with _locked(root.rstrip(os.sep) + ".lock"):
-        builder = tfds.builder("bigearthnet_v2", data_dir=data_dir, file_format="array_record")
+        builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
         if builder.is_prepared():
             return data_dir
         done = os.path.join(raw, f".complete_{num_patches}_{seed}")
         if not os.path.exists(done):
-            say(f"Demo data: writing {num_patches} synthetic BigEarthNet v2 patches to {raw} "
-                "...", flush=True)
+            say(f"Demo data: writing {num_patches} synthetic {dataset} patches to {raw} ...",
+                flush=True)
             shutil.rmtree(raw, ignore_errors=True)
-            write_fake_bigearthnet(raw, num_patches, seed=seed)
+            _write_raw(dataset, raw, num_patches, seed)
             open(done, "w").close()
-        say(f"Demo data: preparing them with the bigearthnet_v2 builder into {data_dir} ...",
+        say(f"Demo data: preparing them with the {dataset} builder into {data_dir} ...",
             flush=True)
         # TFDS prints "Downloading and preparing dataset Unknown size ..." to stdout: the line
         # above says what happens instead. Its progress bar (stderr) stays.
@@ -93,12 +127,14 @@ def prepare_demo_dataset(root: str, *, num_patches: int = 600, seed: int = 0,
     return data_dir
 
 
-def demo_data_dir(cache_dir: str, *, num_patches: int, seed: int, verbose: bool = True) -> str:
-    """Prepares (or reuses) the demo dataset of `(num_patches, seed)` in the cache
+def demo_data_dir(cache_dir: str, *, num_patches: int, seed: int, verbose: bool = True,
+                  dataset: str = "bigearthnet_v2") -> str:
+    """Prepares (or reuses) the demo `dataset` of `(num_patches, seed)` in the cache
     (`cache_root(cache_dir)`) and returns its TFDS data_dir; prints where it is when
     `verbose`, so that `embed --data_dir` can be pointed there."""
-    root = demo_root(cache_root(cache_dir), num_patches=num_patches, seed=seed)
-    data_dir = prepare_demo_dataset(root, num_patches=num_patches, seed=seed, verbose=verbose)
+    root = demo_root(cache_root(cache_dir), num_patches=num_patches, seed=seed, dataset=dataset)
+    data_dir = prepare_demo_dataset(root, num_patches=num_patches, seed=seed, verbose=verbose,
+                                    dataset=dataset)
     if verbose:
         print(f"Demo data (TFDS data_dir, e.g. for embed --data_dir): {data_dir}", flush=True)
     return data_dir

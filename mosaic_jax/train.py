@@ -425,7 +425,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         from mosaic_jax.demo_data import demo_data_dir
 
         data_dir = demo_data_dir(d.demo_cache_dir, num_patches=d.demo_num_patches,
-                                 seed=d.demo_seed, verbose=is_chief)
+                                 seed=d.demo_seed, verbose=is_chief, dataset=d.name)
     train_source = input_pipeline.open_source(d.name, d.train_split, data_dir)
     eval_source = input_pipeline.open_source(d.name, d.eval_split, data_dir)
     train_ds = input_pipeline.make_train_dataset(
