@@ -384,3 +384,44 @@ def test_training_console_resume_and_probe(prepared_fake, tmp_path):
     events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
     blob = b"".join((workdir / f).read_bytes() for f in events)
     assert b"tsne/validation" in blob and b"\x89PNG" in blob
+
+
+# ---------------------------------------------------------------------------------------------
+# The SEN12MS demo
+
+
+def test_sen12ms_demo_config_and_scenes():
+    import importlib
+
+    config = importlib.import_module("configs.mosaic1").get_config("demo,sen12ms")
+    configuration.validate_config(config)
+    assert config.data.name == "sen12ms" and config.data.demo and config.augment.out_size == 48
+    scenes = demo_data.sen12ms_demo_scenes(config.data.demo_num_patches)
+    assert sum(len(p) for p in scenes.values()) == config.data.demo_num_patches
+    assert len(scenes[("fall", 6)]) == 30 and len(scenes[("spring", 63)]) == 4
+
+
+def test_learnable_sen12ms_pixels_follow_their_class():
+    from data_builders.fake_sen12ms import learnable_triplet
+
+    arrays = learnable_triplet(np.random.default_rng(0), size=64)
+    igbp = arrays["lc"][..., 0]
+    s2 = arrays["s2"].astype(float)
+    classes = np.unique(igbp)
+    # Between-class spread of the mean spectrum dominates the within-class spread.
+    means = np.stack([s2[igbp == k].mean(0) for k in classes])
+    within = np.mean([s2[igbp == k].std(0).mean() for k in classes])
+    assert len(classes) >= 2 and means.std(0).mean() > within
+    assert arrays["s1"].dtype == np.float32 and arrays["s2"].dtype == np.uint16
+
+
+@pytest.mark.slow
+def test_sen12ms_demo_learns(tmp_path):
+    workdir = tmp_path / "demo_sen12ms"
+    result = _run(["-m", "mosaic_jax.main", "--config=configs/mosaic1.py:demo,sen12ms",
+                   f"--workdir={workdir}"], timeout=1800, MOSAIC_JAX_CACHE=str(tmp_path / "c"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((workdir / "metrics_validation.json").read_text())
+    assert metrics["num_samples"] == 30
+    assert metrics["macro_ap"] > metrics["label_frequency_macro_ap"] + 0.1
+    assert "is clearly above the" in result.stdout
