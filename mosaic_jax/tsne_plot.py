@@ -154,10 +154,12 @@ def plot_tsne(
     for k in present:
         m = cls == k
         ax.scatter(xy[m, 0], xy[m, 1], s=8, color=colors[k], linewidths=0)
-        handles.append(_legend_handle(Line2D, colors[k], f"{class_names[k]} [{m.sum()}]"))
+        name = class_names[k] if len(class_names[k]) <= 40 else class_names[k][:38] + "..."
+        handles.append(_legend_handle(Line2D, colors[k], f"{name} [{m.sum()}]"))
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title or f"t-SNE of {n} embeddings", fontsize=10)
+    # A figure title (not the axes'), so that a long one is centred on the whole picture.
+    fig.suptitle(title or f"t-SNE of {n} embeddings", fontsize=10)
     if handles:
         ax.legend(
             handles=handles,
@@ -166,7 +168,7 @@ def plot_tsne(
             fontsize=7,
             frameon=False,
         )
-    fig.tight_layout(rect=(0.0, 0.04, 1.0, 1.0))
+    fig.tight_layout(rect=(0.0, 0.04, 1.0, 0.96))
     fig.text(0.01, 0.012, CAPTION, fontsize=7)
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
