@@ -70,6 +70,27 @@ def fake_igbp(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     return igbp.astype(np.uint16)
 
 
+def _class_signatures() -> tuple[np.ndarray, np.ndarray]:
+    """Fixed per-IGBP-class spectra: S2 [17, 13] reflectance and S1 [17, 2] dB."""
+    rng = np.random.default_rng(12)
+    s2 = _S2_MEAN + rng.normal(0.0, 1.2, (17, len(S2_BANDS))) * _S2_STD
+    s1 = np.array([-11.8, -18.3]) + rng.normal(0.0, 4.0, (17, 2))
+    return s2, s1
+
+
+def learnable_triplet(rng: np.random.Generator, size: int = 256,
+                      broken: bool = False) -> dict[str, np.ndarray]:
+    """As `fake_triplet`, but every pixel's S1 and S2 values are its IGBP class's spectrum plus
+    noise, so that the labels can be learned from the images (for the SEN12MS demo)."""
+    arrays = fake_triplet(rng, size, broken)
+    igbp = arrays["lc"][..., 0].astype(int) - 1
+    sig_s2, sig_s1 = _class_signatures()
+    s2 = sig_s2[igbp] + rng.normal(0.0, 0.3, igbp.shape + (len(S2_BANDS),)) * _S2_STD
+    s1 = sig_s1[igbp] + rng.normal(0.0, 1.5, igbp.shape + (2,))
+    s1 = np.where(np.isnan(arrays["s1"]), np.nan, s1).astype(np.float32)
+    return {"s1": s1, "s2": np.clip(s2, 0, 28000).astype(np.uint16), "lc": arrays["lc"]}
+
+
 def fake_triplet(rng: np.random.Generator, size: int = 256,
                  broken: bool = False) -> dict[str, np.ndarray]:
     """Random S1 float32 [size, size, 2] dB, S2 uint16 [size, size, 13], LC uint16
@@ -97,6 +118,7 @@ def write_fake_sen12ms(
     size: int = 256,
     include_broken_triplet: bool = True,
     compress: str | None = None,
+    learnable: bool = False,
 ) -> list[str]:
     """Writes a fake SEN12MS tree under `root`; returns the patch ids written (builder format,
     e.g. "ROIs1158_spring_63_p17"), sorted by (season, scene, patch), including the broken
@@ -110,6 +132,7 @@ def write_fake_sen12ms(
     size: raster height and width in pixels (the real data and the builder use 256).
     include_broken_triplet: when summer scene 146 is among `scenes`, also write patch 202 with
         NaN in S1, like the official broken triplet.
+    learnable: S1/S2 pixels follow their IGBP class (`learnable_triplet`), for the demo.
     """
     root = Path(root)
     written = []
@@ -129,7 +152,7 @@ def write_fake_sen12ms(
         for patch in patches:
             rng = np.random.default_rng([seed, _SEASON_INDEX[season], scene, patch])
             broken = (season, scene, patch) in BROKEN_TRIPLETS
-            arrays = fake_triplet(rng, size, broken=broken)
+            arrays = (learnable_triplet if learnable else fake_triplet)(rng, size, broken=broken)
             # Patches of a scene tile a 10 m grid (origin easting/northing in metres).
             x0 = 300_000.0 + (patch % 32) * size * 10.0
             y0 = 5_000_000.0 - (patch // 32) * size * 10.0

@@ -1,9 +1,10 @@
 """Prepares one of the datasets of `data_builders` as array_record shards (no TensorFlow needed).
 
-    python -m data_builders.prepare NAME --manual_dir M --data_dir D [--config C]
+    python -m data_builders.prepare NAME --manual_dir M [--data_dir D] [--config C]
         [--skip_bad_patches] [--num_workers N] [--max_examples_per_split K] [--overwrite]
 
-NAME is a builder package of `data_builders` (bigearthnet_v2, sen12ms, ...): importing
+D defaults to ~/tensorflow_datasets, as for every other tool. NAME is a builder package of
+`data_builders` (bigearthnet_v2, sen12ms, ...): importing
 `data_builders.NAME` registers the TFDS builder of the same name. The data is written to
 D/NAME/<config>/<version>/ with `file_format="array_record"`; read it back with
 `tfds.builder(NAME, data_dir=D, config=C).as_data_source()` (after importing the package) or
@@ -16,19 +17,22 @@ splits, example counts, shards, bytes, the output directory and the skipped patc
 
 Exit status: 0 on success, 1 when preparation failed (e.g. a bad patch without
 --skip_bad_patches: the message names file and patch), 2 for usage errors (unknown NAME or
-config, missing manual dir, an option the builder does not support).
+config, missing or empty manual dir, an option the builder does not support). A failed
+preparation removes the folders it created (`downloads/`, `NAME/.config/`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
 import pkgutil
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,19 +104,37 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path, *,
                          f"instructions of {name}: python -c \"import data_builders.{name}, "
                          f"tensorflow_datasets as t; print(t.builder_cls('{name}')"
                          f".MANUAL_DOWNLOAD_INSTRUCTIONS)\")")
+    if not any(manual_dir.iterdir()):
+        raise UsageError(f"manual dir {manual_dir} is empty: extract the official archives of "
+                         f"{name} there")
     if file_format not in FILE_FORMATS:
         raise UsageError(f"unknown file format {file_format!r}; choose one of "
                          f"{', '.join(FILE_FORMATS)}")
+    data_dir = Path(data_dir).expanduser()
     kwargs = _builder_kwargs(cls, skip_bad_patches=skip_bad_patches, num_workers=num_workers,
                              skip_checksums=skip_checksums)
     builder = tfds.builder(name if config is None else f"{name}/{config}",
                            data_dir=str(data_dir), file_format=file_format, **kwargs)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(manual_dir), download_mode=mode,
-        max_examples_per_split=max_examples_per_split))
+    with _removed_on_failure([data_dir / "downloads", data_dir / name]):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=str(manual_dir), download_mode=mode,
+            max_examples_per_split=max_examples_per_split))
     return builder
+
+
+@contextlib.contextmanager
+def _removed_on_failure(paths: Sequence[Path]) -> Iterator[None]:
+    """Removes those of `paths` that the block created when it raises (TFDS's scaffolding of
+    a preparation that did not finish); folders that existed before are left alone."""
+    created = [p for p in paths if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def read_skip_report(data_path: str | Path) -> list[dict[str, Any]] | None:
@@ -171,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Prepare a dataset as array_record shards with TFDS (no TensorFlow).")
     parser.add_argument("name", help="dataset: a package of data_builders, e.g. bigearthnet_v2")
     parser.add_argument("--manual_dir", required=True, help="extracted official files")
-    parser.add_argument("--data_dir", required=True, help="where prepared datasets live")
+    parser.add_argument("--data_dir", default="~/tensorflow_datasets",
+                        help="where prepared datasets live (default: ~/tensorflow_datasets)")
     parser.add_argument("--config", default=None, help="builder config (default: the default)")
     parser.add_argument("--skip_bad_patches", action="store_true",
                         help="skip unreadable patches and list them in skipped_patches.json")
@@ -192,6 +215,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (see module docstring)."""
+    from mosaic_jax import cli_errors, console
+
+    console.quiet_console()
     args = _parser().parse_args(argv)
     import tensorflow_datasets as tfds
 
@@ -208,7 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (PatchError, FileNotFoundError, ValueError) as e:
+    except OSError as e:
+        print(f"error: {cli_errors.describe(e, paths=[args.data_dir])[0]}", file=sys.stderr)
+        return 1
+    except (PatchError, FileNotFoundError, ValueError, AssertionError) as e:
         hint = " (use --skip_bad_patches to skip such patches)" if isinstance(
             e, PatchError) else ""
         print(f"error: preparing {args.name} failed: {e}{hint}", file=sys.stderr)

@@ -234,3 +234,48 @@ def require_finite(run: RestoredRun) -> None:
             f"checkpoint step {run.step} of {run.workdir} holds non-finite values in {len(bad)} "
             f"of {total} arrays (first: {bad[0]}): the run diverged; use an earlier step "
             f"(steps: {checkpoint_steps(run.workdir)})")
+
+
+# Config keys that decide the checkpoint's tree (parameters and optimizer state): a workdir whose
+# checkpoint was written with other values cannot be resumed with this config.
+STRUCTURE_KEYS = ("objective", "train_mode", "data.name", "optimizer.name", "model.kind",
+                  "model.s1_encoder", "model.s2_encoder", "model.encoder", "model.inputs",
+                  "model.width_multiplier", "model.stem", "model.proj_hidden_dim",
+                  "model.proj_dim")
+
+
+def structure_differences(saved: Any, config: Any) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each `STRUCTURE_KEYS` entry on which two configs
+    differ (pure; the single-tower `model.encoder` and the towers' encoders are compared only
+    for the model kind that uses them)."""
+    def get(c: Any, key: str) -> Any:
+        for part in key.split("."):
+            c = c.get(part) if hasattr(c, "get") else None
+        return c
+
+    kind = get(config, "model.kind")
+    unused = (("model.encoder", "model.inputs") if kind == "two_tower"
+              else ("model.s1_encoder", "model.s2_encoder"))
+    diffs = []
+    for key in STRUCTURE_KEYS:
+        if key in unused:
+            continue
+        old, new = get(saved, key), get(config, key)
+        if old != new:
+            diffs.append((key, old, new))
+    return diffs
+
+
+def check_workdir_matches(workdir: str | os.PathLike[str], config: Any) -> None:
+    """Raises ValueError before any compile when `workdir` holds a checkpoint of another model
+    (objective, encoders, sizes) than `config`, instead of Orbax's tree-mismatch traceback at
+    restore time. A workdir without a checkpoint or config.json passes."""
+    workdir = resolve_workdir(workdir)
+    if not checkpoint_steps(workdir) or not (epath.Path(workdir) / CONFIG_FILE).is_file():
+        return
+    diffs = structure_differences(load_config(workdir), config)
+    if diffs:
+        listed = ", ".join(f"{k} {old!r} there, {new!r} here" for k, old, new in diffs)
+        raise ValueError(f"workdir {workdir} holds a checkpoint of another model ({listed}); "
+                         "choose a new --workdir for this config (or rerun that workdir's own "
+                         "config to resume it)")

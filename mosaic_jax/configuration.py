@@ -54,6 +54,7 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.data.demo = False                  # write and prepare a small synthetic dataset
     c.data.demo_num_patches = 600
     c.data.demo_seed = 0
+    c.data.demo_cache_dir = ""           # "": $MOSAIC_JAX_CACHE, else ~/.cache/mosaic_jax
 
     # The AugmentConfig defaults (sar_std_db comes from the dataset's statistics).
     c.augment = ml_collections.ConfigDict(
@@ -102,6 +103,7 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
 
 
 COMMON_ARGS = ("demo", "sen12ms")
+SEN12MS_DEMO_PATCHES = 120
 
 
 def parse_args(arg: str | None, valid: tuple[str, ...]) -> tuple[str, ...]:
@@ -114,15 +116,16 @@ def parse_args(arg: str | None, valid: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def apply_args(c: ml_collections.ConfigDict, args: tuple[str, ...]) -> ml_collections.ConfigDict:
-    """Applies the common arguments: `sen12ms` switches the dataset, `demo` the demo sizes."""
+    """Applies the common arguments: `sen12ms` switches the dataset, `demo` the demo sizes
+    (with `sen12ms`: a synthetic SEN12MS prepared by the real builder)."""
     if "sen12ms" in args:
-        if "demo" in args:
-            raise ValueError("the demo uses synthetic BigEarthNet v2 data; drop 'sen12ms'")
         c.data.name = "sen12ms"
         c.data.eval_split = "validation"
         c.augment.out_size = 128         # random crops of the 256 px patches
     if "demo" in args:
         demo_overrides(c)
+        if "sen12ms" in args:  # 256 px patches: fewer of them (~210 MB prepared)
+            c.data.demo_num_patches = SEN12MS_DEMO_PATCHES
     return c
 
 
@@ -229,6 +232,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         if objective != "supervised":
             _fail("train_mode", "a linear probe trains the classifier with objective "
                   "'supervised'")
+    if not isinstance(config.data.demo_cache_dir, str):
+        _fail("data.demo_cache_dir", f"must be a folder path or '', got "
+              f"{config.data.demo_cache_dir!r}")
     if not isinstance(config.init_from, str):
         _fail("init_from", f"must be a workdir path or '', got {config.init_from!r}")
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_builders import atomic_files
+from mosaic_jax import cli_errors, console
 
 
 def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | None = None,
@@ -101,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max_batches", type=int, default=0,
                         help="stop after this many batches (0: the whole split)")
     parser.add_argument("--no_patch_ids", action="store_true", help="do not store patch ids")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the traceback of an error, not only its one line")
     args = parser.parse_args(argv)
     try:
         arrays = embed_split(args.export, split=args.split, data_dir=args.data_dir,
@@ -115,4 +118,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    console.quiet_console()
+    cli_errors.run_cli(main)

@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mosaic_jax import cli_errors, console
+
 FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
 PARAMS_FILE = "params.msgpack"
@@ -476,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="side of the embedder's input patches (default: the dataset's)")
     parser.add_argument("--platforms", default="cpu,cuda,tpu",
                         help="comma-separated jax.export platforms")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the traceback of an error, not only its one line")
     args = parser.parse_args(argv)
     try:
         info = export_workdir(args.workdir, args.output, step=args.step,
@@ -490,4 +494,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    console.quiet_console()
+    cli_errors.run_cli(main)

@@ -9,15 +9,12 @@ from it; SIGTERM saves a checkpoint and exits cleanly.
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mosaic_jax import distributed, train
-from mosaic_jax.configuration import ConfigError
+from mosaic_jax import cli_errors, console, distributed, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
@@ -30,31 +27,25 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for an explicit multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_bool("verbose", False, "Print the traceback of an error, not only its one line.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _OnlyWarningsFromLibraries(logging.Filter):
-    """Keeps our and clu's INFO lines (metrics, progress) on the console, drops the INFO
-    chatter of Orbax and TFDS."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname
-                    for lib in ("orbax", "tensorflow_datasets", "jax"))
-        return record.levelno >= logging.WARNING or not noisy
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.getLogger("absl").addFilter(_OnlyWarningsFromLibraries())
     distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
                            auto=FLAGS.multiprocess)
-    try:  # validates the config first, naming a wrong key
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, FileNotFoundError, train.DivergenceError) as e:
-        sys.exit(f"error: {e}")
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # validates the config first
+
+
+def run() -> None:
+    """Runs `main` with the flags of `sys.argv`; every error ends in one `error:` line."""
+    console.quiet_console()
+    workdir = cli_errors.flag_value(sys.argv, "workdir")
+    cli_errors.run_cli(lambda: app.run(main), sys.argv, paths=[workdir] if workdir else [])
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

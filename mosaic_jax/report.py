@@ -18,10 +18,15 @@ workdir's ``config.json`` and ``metrics_<split>.json`` (written by
   the runs differ in it (`mosaic_jax.label_efficiency`);
 - ``report.md``: all of the above on one page.
 
-A method is named after the run's objective (the workdir's name when it has no config); runs of
-the same dataset with the same objective get their workdir's name appended, and ``--names``
-overrides all names. Numbers in the CSV files are the JSON values unchanged (``repr``), in the
-markdown rounded to 4 decimals; undefined values (AP of a class without positives) are empty in
+A method is named after the run's objective (the workdir's name when it has no config); a
+downstream run (``init_from``) after the pretraining it started from and its protocol
+("mosaic1, linear probe", "mosaic1, fine-tune"). Runs of the same dataset with the same name get
+their workdir's name appended, and ``--names`` overrides all names. A run whose objective has no
+BCE term never trained its classifier: its AP and F1 are an untrained head's, so the comparison
+shows ``untrained`` in those columns (the CSV keeps the values and says so in
+``classifier_trained``) and its name says "(classifier untrained)".
+Numbers in the CSV files are the JSON values unchanged (``repr``), in the markdown
+rounded to 4 decimals; undefined values (AP of a class without positives) are empty in
 CSV and ``n/a`` in markdown. Every file is written atomically (temp file, then rename).
 """
 
@@ -38,7 +43,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from data_builders import atomic_files, datasets
-from mosaic_jax import label_efficiency, retrieval
+from mosaic_jax import cli_errors, console, label_efficiency, retrieval
 from mosaic_jax.checkpoints import CONFIG_FILE
 
 HEADLINE = (("macro_ap", "macro AP"), ("micro_ap", "micro AP"), ("macro_f1", "macro F1"),
@@ -60,6 +65,42 @@ class Run:
     class_names: list[str]
     tsne: str | None
     objective: str | None
+    classifier_trained: bool = True
+
+
+PROTOCOLS = {"linear_probe": "linear probe", "full": "fine-tune"}
+
+
+def _pretraining_name(init_from: str) -> str:
+    """The objective of the pretraining workdir `init_from` (its folder name when unreadable)."""
+    try:
+        with open(os.path.join(os.path.expanduser(init_from), CONFIG_FILE)) as f:
+            objective = json.load(f).get("objective")
+    except (OSError, ValueError):
+        objective = None
+    return objective or os.path.basename(os.path.normpath(init_from))
+
+
+def method_name(config: dict[str, Any], workdir: str) -> str:
+    """A run's method name from its config.json contents (see the module docstring)."""
+    init_from = config.get("init_from") or ""
+    if init_from:
+        mode = config.get("train_mode", "full")
+        return f"{_pretraining_name(init_from)}, {PROTOCOLS.get(mode, mode)}"
+    name = config.get("objective") or os.path.basename(workdir)
+    return name if classifier_trained(config) else f"{name} (classifier untrained)"
+
+
+def classifier_trained(config: dict[str, Any]) -> bool:
+    """Whether the run's objective trains the classifier (has a BCE term of weight > 0); True
+    when the objective is unknown (nothing to say against its numbers)."""
+    from mosaic_jax import objectives
+
+    objective = config.get("objective")
+    if objective not in objectives.OBJECTIVES:
+        return True
+    weight = config.get("loss", {}).get("weights", {}).get("bce", 1.0)
+    return "bce" in objectives.terms_of(objective) and weight > 0
 
 
 def _slug(text: str) -> str:
@@ -88,6 +129,7 @@ def load_run(workdir: str, split: str = "validation") -> Run:
     config_path = os.path.join(workdir, CONFIG_FILE)
     objective = None
     dataset = "unknown dataset"
+    config = {}
     if os.path.isfile(config_path):
         with open(config_path) as f:
             config = json.load(f)
@@ -100,9 +142,10 @@ def load_run(workdir: str, split: str = "validation") -> Run:
     names = (list(facts.class_names) if facts and facts.num_classes == num_classes
              else [f"class {i}" for i in range(num_classes)])
     tsne = os.path.join(workdir, f"tsne_{split}.png")
-    return Run(workdir=workdir, method=objective or os.path.basename(workdir), dataset=dataset,
+    return Run(workdir=workdir, method=method_name(config, workdir), dataset=dataset,
                split=split, metrics=metrics, class_names=names,
-               tsne=tsne if os.path.isfile(tsne) else None, objective=objective)
+               tsne=tsne if os.path.isfile(tsne) else None, objective=objective,
+               classifier_trained=classifier_trained(config))
 
 
 def _name_runs(runs: list[Run], names: Sequence[str] | None) -> None:
@@ -161,22 +204,22 @@ def comparison_table(runs: list[Run]) -> tuple[str, str]:
     """(markdown, csv) of the method x dataset comparison."""
     keys = [k for k, _ in HEADLINE]
     header = ["method", "dataset", "split", "step", "samples", *keys,
-              "label_frequency_macro_ap", "workdir"]
+              "label_frequency_macro_ap", "classifier_trained", "workdir"]
     rows = [[r.method, r.dataset, r.split, r.metrics.get("step"), r.metrics.get("num_samples"),
              *(r.metrics[k] for k in keys), r.metrics.get("label_frequency_macro_ap"),
-             r.workdir] for r in runs]
+             r.classifier_trained, r.workdir] for r in runs]
     best = {}
     for dataset in _datasets(runs):
         for k in keys:
             values = [r.metrics[k] for r in runs if r.dataset == dataset
-                      and r.metrics[k] is not None]
+                      and r.metrics[k] is not None and r.classifier_trained]
             best[dataset, k] = max(values) if values else None
     md_rows = []
     for r in runs:
         cells = [r.method, r.dataset, _cell(r.metrics.get("num_samples"))]
         for k in keys:
-            text = _cell(r.metrics[k])
-            if len([x for x in runs if x.dataset == r.dataset]) > 1 and (
+            text = _cell(r.metrics[k]) if r.classifier_trained else "untrained"
+            if r.classifier_trained and len([x for x in runs if x.dataset == r.dataset]) > 1 and (
                     r.metrics[k] is not None and r.metrics[k] == best[r.dataset, k]):
                 text = f"**{text}**"
             cells.append(text)
@@ -321,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split", default="validation", help="evaluation split to compare")
     parser.add_argument("--names", nargs="+", default=None,
                         help="method names, one per workdir (default: objectives)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the traceback of an error, not only its one line")
     args = parser.parse_args(argv)
     try:
         result = write_report(args.workdirs, args.output, split=args.split, names=args.names)
@@ -331,5 +376,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    console.quiet_console()
+    cli_errors.run_cli(main)
 

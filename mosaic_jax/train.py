@@ -35,9 +35,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_builders import atomic_files, datasets
-from mosaic_jax import augment, bands, checkpoints, objectives
+from mosaic_jax import augment, bands, checkpoints, console, objectives
 from mosaic_jax.configuration import validate_config
-from mosaic_jax.demo_data import prepare_demo_dataset
+from mosaic_jax.demo_data import demo_data_dir
 from mosaic_jax.distributed import PreemptionWatcher
 from mosaic_jax.metrics import format_metrics_markdown, multilabel_metrics
 from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables
@@ -342,10 +342,10 @@ def evaluate(state: TrainState, eval_step: Callable, eval_ds: Any, mesh: jax.sha
 
 def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
                        embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
-                       tsne_points: int) -> str | None:
+                       tsne_points: int, embedding_name: str = "embeddings") -> np.ndarray | None:
     """JSON and markdown metrics, a t-SNE PNG, and a line in the eval history (process 0).
 
-    Returns the PNG's path, None when no picture was drawn."""
+    Returns the t-SNE picture as [H, W, 3] uint8 (None when none was drawn)."""
     record = {"step": step, "split": split, **metrics}
     atomic_files.write_atomic(os.path.join(workdir, f"metrics_{split}.json"),
                               json.dumps(record, indent=1))
@@ -361,10 +361,17 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
             f.write(line)
     if tsne_points > 0 and len(embeddings) >= 5:
         png = os.path.join(workdir, f"tsne_{split}.png")
-        title = f"embeddings, {split} split, step {step}"
-        plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points, title=title)
-        return png
+        title = f"t-SNE of the {embedding_name}, {split} split, step {step}"
+        return plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points,
+                         title=title)
     return None
+
+
+def embedding_name(config: ml_collections.ConfigDict) -> str:
+    """What the evaluation's embedding is (the t-SNE picture's title says it)."""
+    if config.model.kind == "two_tower":
+        return "fused S1+S2 encoder features (h_fused)"
+    return f"{config.model.inputs.upper()} encoder features (h)"
 
 
 def linear_probe_hint(config: ml_collections.ConfigDict, workdir: str) -> str | None:
@@ -437,16 +444,14 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     from mosaic_jax import input_pipeline, tensorboard_writer
 
     workdir = checkpoints.resolve_workdir(workdir)  # a URL (gs://bucket/runs/x) as given
+    checkpoints.check_workdir_matches(workdir, config)  # before any compile
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     d = config.data
     data_dir = os.path.expanduser(d.data_dir)
-    if d.demo:
-        demo_root = os.path.join(workdir, "demo_data")
-        if is_chief:
-            prepare_demo_dataset(demo_root, num_patches=d.demo_num_patches, seed=d.demo_seed)
-        multihost_utils.sync_global_devices("demo dataset prepared")
-        data_dir = os.path.join(demo_root, "tfds")
+    if d.demo:  # every process prepares or waits (a file lock), then reads the shared cache
+        data_dir = demo_data_dir(d.demo_cache_dir, num_patches=d.demo_num_patches,
+                                 seed=d.demo_seed, verbose=is_chief, dataset=d.name)
     train_ds = input_pipeline.make_train_dataset(
         input_pipeline.open_source(d.name, d.train_split, data_dir), dataset=d.name,
         global_batch_size=config.batch_size, seed=config.seed, s1_bands=d.s1_bands,
@@ -463,6 +468,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     state = init_state(config, model, tx)
     if config.init_from:
         state = load_pretrained(state, config.init_from)
+        if is_chief:
+            print(console.init_from_line(config.init_from, checkpoints.latest_step(
+                config.init_from), config.train_mode), flush=True)
     writer = tensorboard_writer.create_writer(workdir, just_logging=not is_chief)
     progress = tensorboard_writer.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps)
@@ -566,12 +574,10 @@ def _evaluate_and_write(run: _Run, state: TrainState, step: int) -> dict[str, An
                                   max_batches=config.eval_max_batches)
     metrics = multilabel_metrics(probs, labels)
     if run.is_chief:
-        png = write_eval_outputs(run.workdir, split, step, metrics, emb, labels,
-                                 run.class_names, config.tsne_points)
-        if png:
-            from mosaic_jax.tensorboard_writer import read_png  # the train extra (tensorboardX)
-
-            run.writer.write_images(step, {"eval/tsne": read_png(png)})
+        picture = write_eval_outputs(run.workdir, split, step, metrics, emb, labels,
+                                     run.class_names, config.tsne_points, embedding_name(config))
+        if picture is not None:
+            run.writer.write_images(step, {"eval/tsne": picture[None]})
         run.writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()
                                         if isinstance(v, float)})
         print(f"step {step}: eval on {split} ({metrics['num_samples']} patches): "
@@ -593,12 +599,9 @@ def _finish(run: _Run, state: TrainState) -> dict[str, Any]:
         chance = metrics["label_frequency_macro_ap"]
         verdict = ("clearly above" if metrics["macro_ap"] > chance + 0.1 else
                    "NOT clearly above")
-        resumed = (f" ({run.steps_run} of them in this run)"
-                   if run.steps_run != final_step else "")
-        print(f"Done: {final_step} steps{resumed} in {run.train_seconds:.0f} s. Final macro AP "
-              f"{metrics['macro_ap']:.4f} is {verdict} the "
-              f"{chance:.4f} that label frequencies alone give. Outputs in {run.workdir}",
-              flush=True)
+        print(f"{console.done_line(final_step, final_step - run.steps_run, run.train_seconds)}"
+              f" Final macro AP {metrics['macro_ap']:.4f} is {verdict} the {chance:.4f} that "
+              f"label frequencies alone give. Outputs in {run.workdir}", flush=True)
         hint = linear_probe_hint(run.config, run.workdir)
         if hint:
             print(hint, flush=True)

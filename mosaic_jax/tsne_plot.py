@@ -7,7 +7,13 @@ translucent black. Legend counts are the points drawn in each colour.
 
 Uses matplotlib's object-oriented API on an Agg canvas (no pyplot, no display, no global
 backend switch), and writes the PNG atomically (`mosaic_jax.atomic_files`: local paths and
-gs:// URLs), so a reader never sees a half-written picture.
+gs:// URLs), so a reader never sees a half-written picture. The figure says what it shows
+(the title names the embedding; a caption the colouring), and `plot_tsne` returns the picture
+as an [H, W, 3] uint8 array for TensorBoard.
+
+Palette: Kelly's 20 colours of maximum contrast (K. L. Kelly, "Twenty-two colors of maximum
+contrast", Color Engineering 3, 1965; white and black left out), in his order, so that classes
+with neighbouring indices get clearly different colours (tab20's pale/dark pairs do not).
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ from data_builders import atomic_files
 
 __all__ = ["plot_tsne", "dominant_label"]
 
-# Translucent black: distinct from the two greys in tab20.
+# Translucent black: distinct from every colour of the palette.
 _NO_LABEL_COLOR = (0.0, 0.0, 0.0, 0.35)
+KELLY_COLORS = ("#FFB300", "#803E75", "#FF6800", "#A6BDD7", "#C10020", "#CEA262", "#817066",
+                "#007D34", "#F6768E", "#00538A", "#FF7A5C", "#53377A", "#FF8E00", "#B32851",
+                "#F4C800", "#7F180D", "#93AA00", "#593315", "#F13A13", "#232C16")
+CAPTION = ("Colour: each point's most frequent label (the label it carries that is most "
+           "frequent among the plotted points); translucent black: no label.")
 
 
 def dominant_label(labels: np.ndarray) -> np.ndarray:
@@ -46,11 +57,12 @@ def dominant_label(labels: np.ndarray) -> np.ndarray:
 
 
 def _class_colors(num_classes: int) -> np.ndarray:
-    """``[C, 4]`` RGBA: tab20 up to 20 classes, evenly spaced turbo hues beyond."""
+    """``[C, 4]`` RGBA: Kelly's colours up to 20 classes, evenly spaced turbo hues beyond."""
     from matplotlib import colormaps
+    from matplotlib.colors import to_rgba_array
 
-    if num_classes <= 20:
-        return colormaps["tab20"](np.arange(num_classes))
+    if num_classes <= len(KELLY_COLORS):
+        return to_rgba_array(KELLY_COLORS[:num_classes])
     return colormaps["turbo"](np.linspace(0.0, 1.0, num_classes))
 
 
@@ -63,8 +75,9 @@ def plot_tsne(
     max_points: int = 2000,
     seed: int = 0,
     title: str | None = None,
-) -> None:
-    """Saves a 2-D t-SNE scatter of (a random subset of) the embeddings as a PNG.
+) -> np.ndarray:
+    """Saves a 2-D t-SNE scatter of (a random subset of) the embeddings as a PNG and returns
+    the picture as ``[H, W, 3]`` uint8 (for TensorBoard).
 
     Args:
       embeddings: ``[N, d]`` float features (N >= 2).
@@ -73,7 +86,8 @@ def plot_tsne(
       path: output ``.png`` path; parent folders are created.
       max_points: at most this many points (sampled without replacement with ``seed``).
       seed: seed of the subset and of t-SNE.
-      title: figure title (default: a description of what is shown).
+      title: figure title, naming the embedding (default: "t-SNE of N embeddings"); a
+        caption under the plot says how points are coloured.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -140,10 +154,12 @@ def plot_tsne(
     for k in present:
         m = cls == k
         ax.scatter(xy[m, 0], xy[m, 1], s=8, color=colors[k], linewidths=0)
-        handles.append(_legend_handle(Line2D, colors[k], f"{class_names[k]} [{m.sum()}]"))
+        name = class_names[k] if len(class_names[k]) <= 40 else class_names[k][:38] + "..."
+        handles.append(_legend_handle(Line2D, colors[k], f"{name} [{m.sum()}]"))
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title or f"t-SNE of {n} embeddings (colour: most frequent label carried)")
+    # A figure title (not the axes'), so that a long one is centred on the whole picture.
+    fig.suptitle(title or f"t-SNE of {n} embeddings", fontsize=10)
     if handles:
         ax.legend(
             handles=handles,
@@ -152,9 +168,13 @@ def plot_tsne(
             fontsize=7,
             frameon=False,
         )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.04, 1.0, 0.96))
+    fig.text(0.01, 0.012, CAPTION, fontsize=7)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     with atomic_files.open_atomic(path) as f:
         fig.savefig(f, format="png")
+    return image
 
 
 def _legend_handle(line_cls: Any, color: Any, label: str) -> Any:
