@@ -36,6 +36,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from data_builders import cli_errors, console
+
 REPORT_NAME = "skipped_patches.json"
 """The skip report every builder of `data_builders` writes into its prepared directory."""
 
@@ -215,8 +217,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (see module docstring)."""
-    from mosaic_jax import cli_errors, console
-
     console.quiet_console()
     args = _parser().parse_args(argv)
     import tensorflow_datasets as tfds

@@ -19,8 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_builders import atomic_files
-from mosaic_jax import cli_errors, console
+from data_builders import atomic_files, cli_errors, console
 
 
 def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | None = None,

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mosaic_jax import cli_errors, console
+from data_builders import cli_errors, console
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.json"

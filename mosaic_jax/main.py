@@ -14,7 +14,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mosaic_jax import cli_errors, console, distributed, train
+from data_builders import cli_errors, console
+from mosaic_jax import distributed, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",

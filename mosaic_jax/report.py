@@ -42,8 +42,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from data_builders import atomic_files, datasets
-from mosaic_jax import cli_errors, console, label_efficiency, retrieval
+from data_builders import atomic_files, cli_errors, console, datasets
+from mosaic_jax import label_efficiency, retrieval
 from mosaic_jax.checkpoints import CONFIG_FILE
 
 HEADLINE = (("macro_ap", "macro AP"), ("micro_ap", "micro AP"), ("macro_f1", "macro F1"),

@@ -34,8 +34,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from data_builders import atomic_files, datasets
-from mosaic_jax import augment, bands, checkpoints, console, objectives
+from data_builders import atomic_files, console, datasets
+from mosaic_jax import augment, bands, checkpoints, objectives
 from mosaic_jax.configuration import validate_config
 from mosaic_jax.demo_data import demo_data_dir
 from mosaic_jax.distributed import PreemptionWatcher

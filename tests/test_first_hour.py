@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from mosaic_jax import checkpoints, cli_errors, configuration, console, demo_data, report
+from data_builders import cli_errors, console
+from mosaic_jax import checkpoints, configuration, demo_data, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
