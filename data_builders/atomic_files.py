@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from etils import epath
+
 # Read once: os.umask can only be read by setting it, which is not thread-safe.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -54,8 +56,6 @@ def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
     (streamed, so large outputs are not held in memory), or an in-memory buffer uploaded as one
     object to a URL on a clean exit. On an exception nothing is written."""
     if is_remote(path):
-        from etils import epath
-
         buffer = io.BytesIO()
         yield buffer
         epath.Path(os.fspath(path)).write_bytes(buffer.getvalue())

@@ -140,7 +140,7 @@ def _tiff_template(height: int, width: int, dtype: np.dtype, epsg: int, pixel_si
     key = (height, width, np.dtype(dtype).str, epsg, pixel_size, nodata)
     if key in _TEMPLATES:
         return _TEMPLATES[key]
-    import rasterio
+    import rasterio  # GDAL: heavy, only needed to read or write files
     from affine import Affine
 
     profile = dict(driver="GTiff", height=height, width=width, count=1, dtype=np.dtype(dtype).name,
@@ -253,7 +253,7 @@ def write_reference_map(root: str | os.PathLike, patch_id: str, codes: np.ndarra
 
 def metadata_schema():
     """The pyarrow schema of the official parquet files."""
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow: heavy, only for the parquet files
 
     return pa.schema([
         ("patch_id", pa.string()),
@@ -270,7 +270,7 @@ def metadata_schema():
 def write_metadata(path: str | os.PathLike, rows: Iterable[Mapping]) -> None:
     """Writes metadata rows (dicts with the official column names) as an official-schema
     parquet file; label lists are sorted within each row, as in the official files."""
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow: heavy, only for the parquet files
     import pyarrow.parquet as pq
 
     schema = metadata_schema()

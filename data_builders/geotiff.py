@@ -43,7 +43,7 @@ def _rebuild_patch_error(message: str, patch_id: str, path: str | None) -> Patch
 def exact_name_reads() -> Any:
     """A rasterio environment for reading files opened by their exact names: GDAL skips its
     sidecar-file directory scan on every open (wrap a whole patch's reads in it)."""
-    import rasterio
+    import rasterio  # GDAL: heavy, only needed to read or write files
 
     return rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR")
 
@@ -121,7 +121,7 @@ def write_tiff(
     `transform` is the affine (a, b, c, d, e, f) as in GDAL/rasterio (pixel size a, -e; origin c,
     f), `crs` e.g. "EPSG:32633", `interleave` "band" (planar) or "pixel".
     """
-    import rasterio
+    import rasterio  # GDAL: heavy, only needed to read or write files
     from affine import Affine
 
     path = Path(path)

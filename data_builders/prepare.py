@@ -36,7 +36,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import tensorflow_datasets as tfds
+
+import data_builders
 from data_builders import cli_errors, console
+from data_builders.geotiff import PatchError
 
 REPORT_NAME = "skipped_patches.json"
 """The skip report every builder of `data_builders` writes into its prepared directory."""
@@ -51,8 +55,6 @@ FILE_FORMATS = ("array_record", "tfrecord")
 
 def available_datasets() -> list[str]:
     """Names of the builder packages in `data_builders` (sub-packages, e.g. bigearthnet_v2)."""
-    import data_builders
-
     return sorted(info.name for info in pkgutil.iter_modules(data_builders.__path__)
                   if info.ispkg)
 
@@ -64,8 +66,6 @@ def builder_class(name: str) -> type:
     if name not in known:
         raise UsageError(f"unknown dataset {name!r}; available: {', '.join(known) or 'none'}")
     importlib.import_module(f"data_builders.{name}")
-    import tensorflow_datasets as tfds
-
     return tfds.builder_cls(name)
 
 
@@ -94,8 +94,6 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path, *,
 
     "array_record" (random access: `tfds.data_source`, Grain, this project's training) needs no
     TensorFlow; "tfrecord" is for `tfds.load` / tf.data and needs TensorFlow to write."""
-    import tensorflow_datasets as tfds
-
     cls = builder_class(name)
     configs = [c.name for c in (cls.BUILDER_CONFIGS or [])]
     if config is not None and config not in configs:
@@ -219,10 +217,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (see module docstring)."""
     console.quiet_console()
     args = _parser().parse_args(argv)
-    import tensorflow_datasets as tfds
-
-    from data_builders.geotiff import PatchError
-
     tfds.display_progress_bar(True)
     start = time.monotonic()
     try:

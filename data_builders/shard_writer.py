@@ -33,16 +33,16 @@ import queue
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer, file_adapters, hashing
+from tensorflow_datasets.core.naming import ShardedFileTemplate
+from tensorflow_datasets.core.utils import shard_utils, tqdm_utils
+from tensorflow_datasets.core.utils.shard_utils import ShardConfig
 
 from data_builders import atomic_files
 from data_builders.geotiff import PatchError
-
-if TYPE_CHECKING:
-    from tensorflow_datasets.core.naming import ShardedFileTemplate
-    from tensorflow_datasets.core.utils.shard_utils import ShardConfig
 
 ItemT = TypeVar("ItemT")
 Keyed = tuple[str, Any]
@@ -130,9 +130,6 @@ def plan_split(split: str, items: Sequence[Keyed], *, example_size: int,
     """`items` in TFDS's shuffled order (md5 of `split` and the key), cut into the shards TFDS's
     `shard_config` chooses for `len(items) * example_size` bytes. ValueError for a repeated
     key (TFDS's writer rejects those too)."""
-    from tensorflow_datasets.core import hashing
-    from tensorflow_datasets.core.utils import shard_utils
-
     if not items:
         return []
     seen: set[str] = set()
@@ -167,8 +164,6 @@ def default_num_workers(num_items: int, items_per_worker: int = ITEMS_PER_WORKER
 def write_shard(task: ShardTask, on_item: Callable[[], None]) -> ShardResult:
     """Loads, encodes and serialises the task's items and writes them, in order, to one shard
     file. Raises the first `PatchError` unless skipping."""
-    from tensorflow_datasets.core import example_serializer, file_adapters
-
     features = task.loader.features()
     serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
     skipped: list[dict[str, Any]] = []
@@ -302,8 +297,6 @@ def generate_splits(
     called with every skip record before returning (or raising `PatchError` when no item at
     all could be read; `source` is the path that error names). `num_workers`: None or 0 for
     `default_num_workers`."""
-    from tensorflow_datasets.core.utils import tqdm_utils
-
     file_format = builder.info.file_format.value
     shard_config = download_config.get_shard_config()
     limit = download_config.max_examples_per_split

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
+from jax.experimental import topologies
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
@@ -103,7 +104,6 @@ def topology_devices(topology: str) -> list:
     """The compile-only devices of a TPU slice (`v5e:16x16`: 256 chips); needs libtpu."""
     check_topology_name(topology)
     require_libtpu()
-    from jax.experimental import topologies
 
     compile_only_environment()
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import io
 import os
 import shutil
@@ -50,7 +51,7 @@ def sen12ms_demo_scenes(num_patches: int) -> dict[tuple[str, int], list[int]]:
     """Patch numbers per fake SEN12MS scene: a quarter of `num_patches` in the validation scene,
     4 in the hold-out (test) scene, the rest split between the two train scenes (see
     `data_builders.fake_sen12ms.DEFAULT_SCENES`)."""
-    from data_builders.fake_sen12ms import DEFAULT_SCENES
+    from data_builders.fake_sen12ms import DEFAULT_SCENES  # TFDS, GDAL: only the demo needs them
 
     test, validation, train_a, train_b = (("spring", 63), ("fall", 6), ("summer", 146),
                                           ("winter", 2))
@@ -64,12 +65,14 @@ def sen12ms_demo_scenes(num_patches: int) -> dict[tuple[str, int], list[int]]:
 
 def _write_raw(dataset: str, raw: str, num_patches: int, seed: int) -> None:
     if dataset == "sen12ms":
+        # TFDS, GDAL: only the demo needs them
         from data_builders.fake_sen12ms import write_fake_sen12ms
 
         scenes = sen12ms_demo_scenes(num_patches)
         write_fake_sen12ms(raw, list(scenes), scenes, seed=seed,
                            include_broken_triplet=False, learnable=True)
     else:
+        # TFDS, GDAL: only the demo needs them
         from data_builders.fake_bigearthnet import write_fake_bigearthnet
 
         write_fake_bigearthnet(raw, num_patches, seed=seed)
@@ -95,9 +98,7 @@ def prepare_demo_dataset(root: str, *, num_patches: int = 600, seed: int = 0,
     Safe to call from several processes at once (a file lock beside `root`). Returns the TFDS
     data_dir to read `dataset` ("bigearthnet_v2" or "sen12ms") from.
     """
-    import importlib
-
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # TFDS, GDAL: only the demo needs them
 
     importlib.import_module(f"data_builders.{dataset}")  # registers the builder
 

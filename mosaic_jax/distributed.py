@@ -13,6 +13,7 @@ import threading
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
@@ -57,7 +58,6 @@ class PreemptionWatcher:
         local = self._flag.is_set()
         if jax.process_count() == 1:
             return local
-        from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.array([local]))
         return bool(np.any(flags))

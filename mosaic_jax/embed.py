@@ -14,12 +14,16 @@ temp file, then rename) with, for the N patches of the split in source order:
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from data_builders import atomic_files, cli_errors, console
+from mosaic_jax import input_pipeline
+from mosaic_jax.export import load_embedder, load_model_info
 
 
 def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | None = None,
@@ -38,11 +42,6 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
       max_batches: > 0 stops after that many batches (quick looks; N is then smaller).
       progress: show a tqdm progress bar on stderr.
     """
-    from tqdm import tqdm
-
-    from mosaic_jax import input_pipeline
-    from mosaic_jax.export import load_embedder, load_model_info
-
     info = load_model_info(export_dir)
     name = dataset or info["dataset"]
     base = name.partition(":")[0].partition("/")[0]
@@ -86,8 +85,6 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m mosaic_jax.embed",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", required=True, help="folder written by mosaic_jax.export")

@@ -31,14 +31,18 @@ Everything is written to a temporary folder next to ``OUT`` and renamed into pla
 so ``OUT`` is either the previous export or the complete new one.
 
 The loader half of this module (`load_embedder`, `load_model_info`) sits at the top and imports
-nothing but the standard library, numpy and jax; everything that needs flax, orbax or the rest of
-``mosaic_jax`` is imported inside the export functions.
+nothing but the standard library, numpy and jax (a process that only loads an export needs
+nothing else); everything that needs flax, orbax or the rest of ``mosaic_jax`` is imported inside
+the export functions, marked "export side".
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_builders import cli_errors, console
+from data_builders import cli_errors, console, datasets
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
@@ -202,8 +206,7 @@ def resnet_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
 
 def _input_spec(config: Any) -> dict[str, Any]:
     """Bands, normalisation and units of both modalities (``model.json["inputs"]``)."""
-    from data_builders import datasets  # (export side: see the module docstring)
-    from mosaic_jax import bands
+    from mosaic_jax import bands  # export side: flax and the model code
 
     facts = datasets.get(config.data.name)
     d, m = config.data, config.model
@@ -227,7 +230,7 @@ def _input_spec(config: Any) -> dict[str, Any]:
 def _encoder_entries(config: Any, names: Any = None) -> dict[str, tuple[str, str, str]]:
     """modality key -> (params subtree, encoder name, file name) of the encoders whose name is
     in `names` (default: the ResNets)."""
-    from mosaic_jax.models.towers import RESNET_DEPTHS
+    from mosaic_jax.models.towers import RESNET_DEPTHS  # export side: flax and the model code
 
     names = RESNET_DEPTHS if names is None else names
     m = config.model
@@ -248,7 +251,7 @@ def make_embed_fn(config: Any, variables: Mapping[str, Any], input_size: int
     both to ``config.augment.out_size`` and applies the model in eval mode with ``variables``
     closed over (so they become constants when traced).
     """
-    from mosaic_jax import augment, models
+    from mosaic_jax import augment, models  # export side: flax and the model code
 
     model = models.create_model(config)
     size = int(config.augment.out_size)
@@ -284,7 +287,7 @@ def export_embedder(config: Any, variables: Mapping[str, Any], input_size: int,
                     platforms: Sequence[str] = ("cpu", "cuda", "tpu")
                     ) -> tuple[jax.export.Exported, dict[str, str]]:
     """``jax.export`` of `make_embed_fn` with a symbolic batch size ``b``."""
-    from mosaic_jax import models
+    from mosaic_jax import models  # export side: flax and the model code
 
     fn, described = make_embed_fn(config, variables, input_size)
     (_, _, c1), (_, _, c2) = models.input_shapes(config)
@@ -311,8 +314,6 @@ def _move_into_place(tmp: str, output: str) -> None:
 
     The temp folder (and files some writers create private) get the usual umask permissions.
     """
-    import shutil
-
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
@@ -335,12 +336,8 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
     Returns the ``model.json`` dict. FileNotFoundError naming the workdir when it has no
     checkpoint; FileExistsError when ``output`` is something other than a previous export.
     """
-    import shutil
-    import tempfile
+    import flax.serialization  # export side: flax and the model code
 
-    import flax.serialization
-
-    from data_builders import datasets
     from mosaic_jax import checkpoints, convnext_timm
     from mosaic_jax.models.towers import CONVNEXT_NAMES, RESNET_DEPTHS, encoder_num_features
 
@@ -375,7 +372,7 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
         convnext_entries = _encoder_entries(config, CONVNEXT_NAMES)
         if entries or convnext_entries:
             try:
-                import safetensors.numpy
+                import safetensors.numpy  # optional: only for the encoder files
             except ImportError as e:
                 raise ImportError("writing the encoders needs the safetensors package: "
                                   "pip install safetensors") from e
@@ -467,8 +464,6 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m mosaic_jax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir")

@@ -110,7 +110,7 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
     """Macro AP and micro AP (two panels) against labelled fraction, log x; PNG bytes."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # matplotlib: heavy, only for the picture
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter

@@ -30,6 +30,7 @@ memory is bounded by the batch and one band of rows, not by the scene size.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -40,7 +41,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import jax
 import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+from tqdm import tqdm
 
 from data_builders import atomic_files
 from mosaic_jax import scene_windows
@@ -106,8 +114,6 @@ def to_db(linear: np.ndarray) -> np.ndarray:
 def _sample_rows(src: Any, indexes: list[int], blocks: int = 8, rows: int = 16,
                  max_cols: int = 2048) -> np.ndarray:
     """A few evenly spaced row blocks of a raster (columns subsampled), float32 [c, r, w]."""
-    from rasterio.windows import Window  # rasterio (GDAL) is only needed for file I/O
-
     step = max(1, src.width // max_cols)
     parts = []
     for top in np.linspace(0, max(src.height - rows, 0), blocks).astype(int):
@@ -159,8 +165,6 @@ def _publish(local: str, path: str) -> None:
 
 def _to_cog(src_path: str, dst_path: str, resampling: str) -> None:
     """GDAL COG copy: 256 px tiles, DEFLATE, internal overviews with `resampling`."""
-    import rasterio.shutil
-
     with rasterio.open(src_path) as src:
         predictor = "FLOATING_POINT" if np.dtype(src.dtypes[0]).kind == "f" else "NO"
     rasterio.shutil.copy(src_path, dst_path, driver="COG", COMPRESS="DEFLATE",
@@ -172,11 +176,9 @@ def write_quicklook(map_path: str, png_path: str, classes: Sequence[str],
                     class_names: Sequence[str]) -> None:
     """PNG of the probability maps of `classes` (one panel each, 0..1 colour scale, nodata
     grey), read decimated to at most `QUICKLOOK_MAX_SIDE` px a side from the local map file."""
-    import rasterio
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # matplotlib: heavy, only for the quick-look picture
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from rasterio.enums import Resampling
 
     with rasterio.open(map_path) as src:
         scale = max(1.0, max(src.height, src.width) / QUICKLOOK_MAX_SIDE)
@@ -225,13 +227,6 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
     windows' pass after the one compile; ``read``: waiting for the reader thread, which reads
     one band of rows ahead; ``host_share``: read + prepare + blend/write over ``loop``).
     """
-    import jax
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
-    from rasterio.windows import Window
-    from tqdm import tqdm
-
     t_start = time.perf_counter()
     info = load_model_info(export_dir)
     size = int(info["input_size"])
@@ -506,8 +501,6 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m mosaic_jax.predict",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", required=True, help="folder written by mosaic_jax.export")

@@ -32,6 +32,7 @@ CSV and ``n/a`` in markdown. Every file is written atomically (temp file, then r
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import io
@@ -42,8 +43,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from data_builders import atomic_files, cli_errors, console, datasets
-from mosaic_jax import label_efficiency, retrieval
+from mosaic_jax import label_efficiency, objectives, retrieval
 from mosaic_jax.checkpoints import CONFIG_FILE
 
 HEADLINE = (("macro_ap", "macro AP"), ("micro_ap", "micro AP"), ("macro_f1", "macro F1"),
@@ -94,8 +97,6 @@ def method_name(config: dict[str, Any], workdir: str) -> str:
 def classifier_trained(config: dict[str, Any]) -> bool:
     """Whether the run's objective trains the classifier (has a BCE term of weight > 0); True
     when the objective is unknown (nothing to say against its numbers)."""
-    from mosaic_jax import objectives
-
     objective = config.get("objective")
     if objective not in objectives.OBJECTIVES:
         return True
@@ -252,8 +253,7 @@ def per_class_tables(runs: list[Run], key: str) -> tuple[str, dict[str, str]]:
 
 def plot_ap_per_class(runs: list[Run], path: str, title: str) -> None:
     """Horizontal grouped bars: one group per class, one bar per run (AP; n/a drawn as 0)."""
-    import numpy as np
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # matplotlib: heavy, only for the charts
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -355,8 +355,6 @@ def write_report(workdirs: Sequence[str], output: str, *, split: str = "validati
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m mosaic_jax.report",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdirs", nargs="+", required=True, help="training workdirs")

@@ -50,7 +50,10 @@ class) and ``OUT/retrieval.md`` (the same as tables), atomically.
 
 from __future__ import annotations
 
+import argparse
+import csv
 import functools
+import io
 import json
 import math
 import os
@@ -62,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_builders import atomic_files
+from mosaic_jax.embed import embed_split
 
 MODES: dict[str, tuple[str, str]] = {
     "fused": ("embedding", "embedding"),
@@ -432,9 +436,6 @@ def report_table(named: Sequence[tuple[str, str, Mapping[str, Any]]]) -> tuple[s
     ``named``: (method, dataset, `load_results` dict). Columns: the metrics at every k any of
     the runs has (empty where a run lacks that k).
     """
-    import csv
-    import io
-
     ks = sorted({k for _, _, r in named for k in r["ks"]})
     cols = [f"{m}@{k}" for m in METRICS for k in ks]
     rows = [[method, dataset, mode, r.get("query", ""), r.get("archive", ""),
@@ -479,8 +480,6 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m mosaic_jax.retrieval",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", help="export folder: embed the two splits with it")
@@ -516,8 +515,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--ks must be >= 1, got {args.ks}")
     try:
         if args.export:
-            from mosaic_jax.embed import embed_split
-
             def embed(split):
                 return embed_split(args.export, split=split, data_dir=args.data_dir,
                                    dataset=args.dataset, batch_size=args.batch_size,

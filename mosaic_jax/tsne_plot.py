@@ -58,7 +58,7 @@ def dominant_label(labels: np.ndarray) -> np.ndarray:
 
 def _class_colors(num_classes: int) -> np.ndarray:
     """``[C, 4]`` RGBA: Kelly's colours up to 20 classes, evenly spaced turbo hues beyond."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # matplotlib, sklearn: heavy, only to draw
     from matplotlib.colors import to_rgba_array
 
     if num_classes <= len(KELLY_COLORS):
@@ -89,6 +89,7 @@ def plot_tsne(
       title: figure title, naming the embedding (default: "t-SNE of N embeddings"); a
         caption under the plot says how points are coloured.
     """
+    # matplotlib, sklearn: heavy, only to draw
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D

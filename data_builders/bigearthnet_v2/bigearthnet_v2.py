@@ -212,7 +212,7 @@ def read_metadata(path: str | os.PathLike) -> list[PatchRow]:
     per-row problems (nulls, unknown labels) are left to `validate_row` so that they can be
     skipped like any other bad patch.
     """
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # pyarrow: heavy, only to read metadata
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -235,7 +235,7 @@ def read_metadata(path: str | os.PathLike) -> list[PatchRow]:
 
 def _string_array(values: Sequence[str]):
     """A pyarrow string array (kept out of module import time)."""
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow: heavy, kept out of import time
 
     return pa.array(list(values), type=pa.string())
 
