@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from mosaic_jax.export import flatten_tree
 from mosaic_jax.models.convnext import VARIANTS
 from mosaic_jax.models.towers import CONVNEXT_NAMES
 
@@ -61,16 +62,6 @@ def _module_name(module: Sequence[str]) -> str:
     raise ValueError(f"not a timm ConvNeXt-V2 parameter: {path}")
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out: dict[tuple[str, ...], Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, (*prefix, str(key))))
-        else:
-            out[(*prefix, str(key))] = value
-    return out
-
-
 def timm_state_dict(params: Mapping[str, Any], *, conv_mlp: bool,
                     classifier: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """A `ConvNeXtV2`'s params as a timm ``ConvNeXt.state_dict()`` (float32, C-contiguous).
@@ -86,7 +77,7 @@ def timm_state_dict(params: Mapping[str, Any], *, conv_mlp: bool,
       name -> array; ValueError naming a variable that has no timm counterpart (e.g. a ResNet's).
     """
     out: dict[str, np.ndarray] = {}
-    for path, value in sorted(_flatten(params).items()):
+    for path, value in sorted(flatten_tree(params).items()):
         *module, leaf = path
         if leaf not in _LEAF or not module:
             raise ValueError(f"not a timm ConvNeXt-V2 parameter: {'/'.join(path)}")

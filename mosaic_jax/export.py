@@ -145,11 +145,13 @@ def _torch_module_name(path: Sequence[str]) -> str:
     return ".".join(out)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten_tree(tree: Mapping[str, Any],
+                 prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Nested dicts of arrays -> {(key, ..., leaf key): array} (parameter paths as tuples)."""
     out: dict[tuple[str, ...], Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, (*prefix, str(key))))
+            out.update(flatten_tree(value, (*prefix, str(key))))
         else:
             out[(*prefix, str(key))] = value
     return out
@@ -174,7 +176,7 @@ def resnet_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     """
     out: dict[str, np.ndarray] = {}
     bn_modules: set[str] = set()
-    for path, value in sorted(_flatten(params).items()):
+    for path, value in sorted(flatten_tree(params).items()):
         *module, leaf = path
         if leaf not in ("kernel", "scale", "bias") or not module:
             raise ValueError(f"not a torchvision ResNet parameter: {'/'.join(path)}")
@@ -187,7 +189,7 @@ def resnet_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
         else:
             bn_modules.add(name)
         out[f"{name}.{_LEAF[leaf]}"] = np.ascontiguousarray(value)
-    stats = _flatten(batch_stats)
+    stats = flatten_tree(batch_stats)
     for path, value in sorted(stats.items()):
         *module, leaf = path
         name = _torch_module_name(module)
