@@ -102,7 +102,8 @@ def test_third_view_feeds_the_inter_term_and_matches_an_independent_forward():
     # The step's documented randomness: per-sample keys folded from the step's augment key.
     aug_rng = jax.random.split(jax.random.fold_in(before.rng, 0))[0]
     aug = train.augment_config(config)
-    views = [augment.paired_views(jax.random.fold_in(aug_rng, i), local["s1"][i:i + 1],
+    # Sample by sample (a batch of one each), independently of the step's batched call.
+    views = [augment.paired_views(jax.random.fold_in(aug_rng, i)[None], local["s1"][i:i + 1],
                                   local["s2"][i:i + 1], aug, 3) for i in range(n)]
     v1 = jnp.concatenate([v[0] for v in views], axis=1)  # [3, n, o, o, c1]
     v2 = jnp.concatenate([v[1] for v in views], axis=1)
