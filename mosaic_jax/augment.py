@@ -332,29 +332,25 @@ def paired_views(
     return y1.astype(d1), y2.astype(d2)
 
 
-@functools.partial(jax.jit, static_argnames=("out_size", "crop_fraction"))
-def center_resize(x: jax.Array, out_size: int, crop_fraction: float = 1.0) -> jax.Array:
-    """Deterministic evaluation transform: central square crop, bilinear resize to out_size.
+@functools.partial(jax.jit, static_argnames=("out_size",))
+def center_resize(x: jax.Array, out_size: int) -> jax.Array:
+    """Deterministic evaluation transform: central square crop of side min(H, W), bilinear
+    resize to out_size.
 
     Args:
       x: [..., H, W, C] images (any leading dims).
       out_size: side of the square output, pixels.
-      crop_fraction: side of the central crop as a fraction of min(H, W), in (0, 1].
 
     Returns:
-      [..., out_size, out_size, C] in the input float dtype; identity when out_size == H == W
-      and crop_fraction == 1.
+      [..., out_size, out_size, C] in the input float dtype; identity when out_size == H == W.
     """
-    if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
     if x.ndim < 3:
         raise ValueError(f"x must be [..., H, W, C], got shape {x.shape}")
     h, w = x.shape[-3], x.shape[-2]
-    side = crop_fraction * min(h, w)
+    side = min(h, w)
     hf, wf = side / h, side / w
     f = jnp.zeros((), bool)
     sp = dict(y0=jnp.float32((1 - hf) / 2), x0=jnp.float32((1 - wf) / 2), hf=jnp.float32(hf),
               wf=jnp.float32(wf), flip_rows=f, flip_cols=f, transpose=f)
     y = _resample(x.astype(_compute_dtype(x.dtype)), sp, out_size)
     return y.astype(_out_dtype(x.dtype))
-

@@ -312,9 +312,12 @@ def test_center_resize():
     out = np.asarray(A.center_resize(jnp.asarray(s2), 8))
     y, x = _rc(out)
     np.testing.assert_allclose(y[0, :, 0], np.arange(8) * 2 + 0.5, atol=1e-4)
-    half = np.asarray(A.center_resize(jnp.asarray(s2), 8, crop_fraction=0.5))
-    y, x = _rc(half)
-    np.testing.assert_allclose(y[0, :, 0], np.arange(8) + 4, atol=1e-4)
+    np.testing.assert_allclose(x[0, 0, :], np.arange(8) * 2 + 0.5, atol=1e-4)
+    # A non-square image: the central square of side min(H, W).
+    _, wide = coord_images(1, 8, H)
+    y, x = _rc(np.asarray(A.center_resize(jnp.asarray(wide), 8)))
+    np.testing.assert_allclose(y[0, :, 0], np.arange(8), atol=1e-4)
+    np.testing.assert_allclose(x[0, 0, :], np.arange(8) + 4, atol=1e-4)
     assert A.center_resize(jnp.asarray(s2[0], jnp.bfloat16), 4).dtype == jnp.bfloat16
 
 
