@@ -18,7 +18,8 @@ from mosaic_jax import input_pipeline as ip
 BEN, SEN = "bigearthnet_v2", "sen12ms"
 SIZE = 16
 
-# REFERENCE.md section 3 (BigEarthNet v2, stored ESA order) and section 4 (SEN12MS).
+# Published statistics: BigEarthNet v2 (the official reBEN training recipe, Clasen et al. 2025;
+# stored ESA order) and SEN12MS (benchmark normalisation, Schmitt et al. 2019).
 BEN_S2_MEAN = [361.0768, 438.3721, 614.0557, 588.4096, 942.8433, 1769.9316, 2049.5515, 2193.2920,
                2235.5566, 2241.4553, 1568.2268, 997.7325]
 BEN_S2_STD = [575.0687, 607.0269, 603.2968, 684.5688, 738.4327, 1100.4561, 1275.8054, 1369.3717,

@@ -1,7 +1,8 @@
 """mosaic_jax.losses against float64 NumPy loop references, across devices, and on degenerate input.
 
-The references below are written from the definitions (REFERENCE.md section 2) with plain loops
-over anchors, labels and keys; they share no code with the library.
+The references below are written from the papers' definitions (NT-Xent: Chen et al. 2020;
+CLIP-style InfoNCE: Radford et al. 2021; MulSupCon: Zhang & Wu 2024; SupCon L_out: Khosla et
+al. 2020) with plain loops over anchors, labels and keys; they share no code with the library.
 """
 
 import functools
