@@ -264,7 +264,8 @@ def test_blockwise_values_and_gradients_equal_plain(block_size):
 def _mesh():
     if jax.device_count() < N_DEV:
         pytest.skip(f"needs {N_DEV} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-    return jax.make_mesh((N_DEV,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh((N_DEV,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:N_DEV])
 
 
 @pytest.mark.parametrize("block_size", [None, 4])

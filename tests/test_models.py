@@ -385,7 +385,7 @@ def test_bf16_compute_close_to_fp32(name: str) -> None:
 def _shard_vs_single(model, ref_model, variables, x, n_dev: int):
     """Train-mode forward of ``model`` under shard_map over ``n_dev`` devices, and of
     ``ref_model`` (no BN axis) on one device with the full batch."""
-    mesh = jax.make_mesh((n_dev,), ("data",))
+    mesh = jax.make_mesh((n_dev,), ("data",), devices=jax.devices()[:n_dev])
 
     def fwd(v, x, m=model):
         return m.apply(v, x, train=True, mutable=["batch_stats"])
@@ -452,7 +452,7 @@ def test_bn_sync_across_devices(kind: str) -> None:
 @pytest.mark.parametrize("model_name", ["resnet18", "resnet50", "two_tower"])
 def test_bn_axis_reaches_every_batchnorm(model_name: str) -> None:
     """Structurally (tracing only): one cross-device reduction per BatchNorm layer."""
-    mesh = jax.make_mesh((N_DEV,), ("data",))
+    mesh = jax.make_mesh((N_DEV,), ("data",), devices=jax.devices()[:N_DEV])
     shape = (2 * N_DEV, 16, 16, 3)
 
     def make(axis):
