@@ -66,6 +66,7 @@ def test_helpers(monkeypatch):
     assert len({len(line) for line in table.splitlines()}) == 1
 
 
+@pytest.mark.slow
 def test_loss_memory_quick(tmp_path: Path):
     out = tmp_path / "loss_memory.json"
     proc = _run("loss_memory.py", "--quick", "--output", str(out))
@@ -96,6 +97,7 @@ def test_loss_memory_quick(tmp_path: Path):
         assert check["ok"] and check["rel_diff"] < 1e-5 and check["grad_rel_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_train_step_quick(tmp_path: Path):
     out = tmp_path / "train_step.json"
     # As on the GPU machine: without grain, TFDS, TensorFlow, clu.

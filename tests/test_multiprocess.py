@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE
 
+pytestmark = pytest.mark.slow  # the integration tier: multi-process program runs
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6  # as conftest.program_config, whose in-process run is the reference
 

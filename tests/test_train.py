@@ -156,6 +156,7 @@ def _compile_step(config, devices=None, lower_only=False):
     return lowered if lower_only else lowered.compile()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, arg", [(n, "demo") for n in CONFIG_NAMES]
                          + [("supervised", "demo,convnext"), ("supervised", "demo,late")])
 def test_every_config_builds_and_its_step_compiles_ahead_of_time(name, arg):
@@ -259,6 +260,7 @@ def _state_of(workdir, step):
     return checkpoint_io.restore_variables(workdir, step).variables
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, trained_workdir, tmp_path,
                                                     capsys):
     config = program_config(prepared_fake)
@@ -281,6 +283,7 @@ def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, trained_workd
     assert record["step"] == 6 and record["macro_ap"] == metrics_full["macro_ap"]
 
 
+@pytest.mark.slow
 def test_load_pretrained_copies_encoders_and_heads_but_not_the_classifier(trained_workdir):
     workdir, _ = trained_workdir
     config = program_config("unused")
@@ -295,6 +298,7 @@ def test_load_pretrained_copies_encoders_and_heads_but_not_the_classifier(traine
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_only_the_classifier(prepared_fake, trained_workdir, tmp_path):
     workdir, _ = trained_workdir
     config = tiny(load_config("linear_probe"))
@@ -372,6 +376,7 @@ def _checkpoint_is_finite(workdir, step):
     return all(np.isfinite(x).all() for x in jax.tree.leaves(_state_of(workdir, step)))
 
 
+@pytest.mark.slow
 def test_nan_between_log_steps_is_caught_at_its_step_and_never_saved(prepared_fake, tmp_path,
                                                                     monkeypatch):
     # Step 3 sees a NaN pixel; logs come every 6 steps, checkpoints every 2: the old guard
