@@ -1,20 +1,40 @@
 #!/usr/bin/env bash
-# One GPU call for issue #7: the project's train step and the plain Flax measuring stick, same
-# machine, same call. Run from the repository root on the GPU machine:
+# One call on a GPU host: first a correctness check of the blockwise losses on the device, then
+# the train-step benchmark (all workloads, with --profile), and last iai_256 with --remat.
+# Run from the repository root of a checkout on the GPU host:
 #
-#   bash benchmarks/gpu_session.sh device_carry/plain_flax_iai_step.py
+#   bash benchmarks/gpu_session.sh [--anchor PATH] [--wheels DIR]
 #
-# device_carry/ (git-ignored, named in the call's `carry`) holds a copy of
-# ../shared/anchors/plain_flax_iai_step.py and wheels/ with what the machine's image lacks
-# (ml_collections: mosaic_jax.configuration imports it). Results go to $OUT (or
-# benchmarks/results when $OUT is unset): train_step_gpu.json and the logs.
+#   --anchor PATH  a plain Flax step to compare against: a Python file whose
+#                  run(bs, img, dtype, iters) returns {"samples_per_s": ...}; timed on the IaI
+#                  workloads (benchmarks/train_step.py --anchor).
+#   --wheels DIR   wheels to install first, for what the host's Python lacks (ml_collections:
+#                  mosaic_jax.configuration imports it); installed under /tmp/site.
+#
+# Results go to $OUT (or benchmarks/results when $OUT is unset): gpu.txt, losses_check.txt,
+# train_step_gpu.json and train_step_gpu_remat.json with their logs.
 set -u
-ANCHOR=${1:?usage: gpu_session.sh PATH_TO_plain_flax_iai_step.py}
+usage="usage: gpu_session.sh [--anchor PATH] [--wheels DIR]"
+ANCHOR=""
+WHEELS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --anchor) ANCHOR=${2:?$usage}; shift 2 ;;
+    --wheels) WHEELS=${2:?$usage}; shift 2 ;;
+    *) echo "gpu_session.sh: unknown argument '$1'; $usage" >&2; exit 2 ;;
+  esac
+done
+if [ -n "$ANCHOR" ] && [ ! -f "$ANCHOR" ]; then
+  echo "gpu_session.sh: --anchor $ANCHOR is not a file" >&2; exit 2
+fi
+if [ -n "$WHEELS" ] && ! compgen -G "$WHEELS/*.whl" > /dev/null; then
+  echo "gpu_session.sh: --wheels $WHEELS holds no .whl file" >&2; exit 2
+fi
 OUT_DIR=${OUT:-benchmarks/results}
 mkdir -p "$OUT_DIR"
-if compgen -G "device_carry/wheels/*.whl" > /dev/null; then
+if [ -n "$WHEELS" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site device_carry/wheels/*.whl || exit 1
+    --target /tmp/site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
@@ -32,9 +52,10 @@ np.testing.assert_allclose(v1, v0, rtol=1e-5)
 np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-7)
 print("blockwise nt_xent equals plain on", jax.devices()[0].device_kind, float(v0))
 PY
-# Then throughput: all three workloads, the anchor on the IaI ones, bf16 (the default there).
-# --profile: the top ops of each workload come back in the JSON (traces under $OUT_DIR/profile).
-timeout 400 python3 benchmarks/train_step.py --anchor "$ANCHOR" --steps 10 \
+# Then throughput: all three workloads (bf16, the default on accelerators), the comparison step
+# on the IaI ones when given. --profile: the top ops of each workload come back in the JSON
+# (traces under $OUT_DIR/profile).
+timeout 400 python3 benchmarks/train_step.py ${ANCHOR:+--anchor "$ANCHOR"} --steps 10 \
   --profile "$OUT_DIR/profile" --output "$OUT_DIR/train_step_gpu.json" 2>&1 \
   | tee "$OUT_DIR/train_step_gpu.log"
 # What rematerialisation costs (or saves, where memory binds) at 256 px.

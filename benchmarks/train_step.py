@@ -8,12 +8,14 @@ Times `mosaic_jax.train.make_train_step` on synthetic inputs already on the devi
 - `mosaic1_r50_120`: MoSAiC-1 (configs/mosaic1.py) with two ResNet-50 towers, batch 256, 120 px.
 
 Reports samples/s, TFLOP/s from XLA's cost analysis of the compiled step and, for the IaI
-workloads, from the REFERENCE.md per-sample figure (74.1 GFLOP at 120 px, 326 GFLOP at 256 px:
-the peer's step, 3 passes of both encoders per sample like this one), and the fraction of the
-device's bf16 matrix peak where the device is known.
+workloads, from the FLOPs per sample of a PyTorch IaI-SimCLR step (74.1 GFLOP at 120 px, 326
+GFLOP at 256 px, 3 passes of both encoders per sample like this one; benchmarks/RESULTS.md,
+"Figures from outside this repository"), and the fraction of the bf16 matrix-multiply throughput
+measured on the device kind where one is recorded (`MEASURED_BF16_MATMUL_FLOPS`).
 
-`--anchor PATH` also runs the `run()` function of the plain Flax measuring stick at PATH
-(imported by path at run time) on the same batch, image and dtype, for the ratio.
+`--anchor PATH` also runs the `run(bs, img, dtype, iters)` function of a plain Flax step to
+compare against, the module at PATH (imported by path at run time), on the same batch, image and
+dtype, for the ratio.
 `--profile DIR` traces a few more steps of each workload and reports its top ops by device time
 (`benchmarks/trace_summary.py`), so that one GPU call also brings back where the time goes.
 
@@ -55,19 +57,23 @@ WORKLOADS: dict[str, tuple[str, str | None, int, int]] = {
     "iai_256": ("iai_simclr", None, 256, 256),
     "mosaic1_r50_120": ("mosaic1", "resnet50", 120, 256),
 }
-# REFERENCE.md section 6: FLOPs per sample of the peer's IaI-SimCLR step (3 passes of both
-# ResNet-18 encoders, 3 NT-Xent, Adam).
-REFERENCE_GFLOP_PER_SAMPLE = {("iai_simclr", 120): 74.1, ("iai_simclr", 256): 326.0}
-# Dense bf16 matrix peaks (FLOP/s) by device kind substring; REFERENCE.md measured ~798 on H100.
-BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (("H100", 798e12), ("H200", 790e12))
+# GFLOP per sample of a PyTorch IaI-SimCLR training step (3 forward passes of both ResNet-18
+# encoders, 3 NT-Xent, Adam), counted on one H100 80GB with PyTorch 2.11 (benchmarks/RESULTS.md,
+# "Figures from outside this repository").
+PYTORCH_IAI_GFLOP_PER_SAMPLE = {("iai_simclr", 120): 74.1, ("iai_simclr", 256): 326.0}
+# bf16 matrix-multiply throughput (FLOP/s) measured on a device kind (substring of jax's
+# device_kind): about 798 TFLOP/s on one H100 80GB, measured with PyTorch 2.11 next to the step
+# above (same RESULTS.md section). Device kinds without a measurement report n/a.
+MEASURED_BF16_MATMUL_FLOPS: tuple[tuple[str, float], ...] = (("H100", 798e12),)
 NUM_CLASSES = 19
 
 
-def bf16_peak(device_kind: str) -> float | None:
-    """The bf16 peak of a device kind, None when unknown (CPUs and unlisted accelerators)."""
-    for key, peak in BF16_PEAK_FLOPS:
+def measured_bf16_matmul_flops(device_kind: str) -> float | None:
+    """The measured bf16 matmul FLOP/s of a device kind (case-insensitive substring match),
+    None when none is recorded (CPUs and unmeasured accelerators)."""
+    for key, flops in MEASURED_BF16_MATMUL_FLOPS:
         if key.lower() in device_kind.lower():
-            return peak
+            return flops
     return None
 
 
@@ -156,7 +162,7 @@ def bench_workload(name: str, args: argparse.Namespace, peak: float | None) -> d
     flops = step_flops(compiled)
     record["flops_per_step_xla"] = flops
     record["gflop_per_sample_xla"] = flops / batch / 1e9 if flops else None
-    ref = REFERENCE_GFLOP_PER_SAMPLE.get((module, image)) if not args.quick else None
+    ref = PYTORCH_IAI_GFLOP_PER_SAMPLE.get((module, image)) if not args.quick else None
     record["reference_gflop_per_sample"] = ref
     if args.compile_only:
         return record
@@ -180,6 +186,7 @@ def bench_workload(name: str, args: argparse.Namespace, peak: float | None) -> d
         "tflops_reference_figure": ref * 1e9 * batch / med / 1e12 if ref else None,
         "bf16_peak_tflops": peak / 1e12 if peak else None,
     })
+    # JSON keys keep their first names ("peak"): the value is the measured matmul throughput.
     record["fraction_of_bf16_peak_xla"] = (record["tflops_xla"] * 1e12 / peak
                                            if peak and flops else None)
     record["fraction_of_bf16_peak_reference"] = (record["tflops_reference_figure"] * 1e12 / peak
@@ -206,7 +213,7 @@ def bench_workload(name: str, args: argparse.Namespace, peak: float | None) -> d
 
 
 def run_anchor(path: str, record: dict[str, Any], steps: int) -> dict[str, Any]:
-    """Runs the measuring stick's `run(bs, img, dtype, iters)` on the workload's sizes."""
+    """Runs the comparison step's `run(bs, img, dtype, iters)` on the workload's sizes."""
     import jax.numpy as jnp
 
     if record["image"] not in (120, 256):
@@ -229,8 +236,8 @@ def _f(x: float | None, spec: str) -> str:
 
 def report(records: list[dict[str, Any]]) -> str:
     headers = ["workload", "encoders", "px", "batch", "dtype", "step ms", "samples/s",
-               "GFLOP/sample (XLA)", "TFLOP/s (XLA)", "TFLOP/s (REF figure)",
-               "% bf16 peak (XLA)", "compile s", "anchor samples/s", "ours / anchor"]
+               "GFLOP/sample (XLA)", "TFLOP/s (XLA)", "TFLOP/s (PyTorch FLOPs)",
+               "% bf16 matmul (XLA)", "compile s", "anchor samples/s", "ours / anchor"]
     rows = []
     for r in records:
         if "error" in r:
@@ -273,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-only", action="store_true",
                    help="compile and report XLA FLOPs without running")
     p.add_argument("--anchor", default=None,
-                   help="path of the plain Flax measuring stick whose run() to time as well")
+                   help="path of a plain Flax step to compare against, whose run() to time as well")
     p.add_argument("--quick", action="store_true",
                    help="CPU smoke run for CI: iai_120 only unless --workloads says otherwise, "
                    "width x0.125, 32 px, batch 16, 2 steps")
@@ -298,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype is None:
         args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     machine = machine_info()
-    peak = bf16_peak(machine["device_kind"])
+    peak = measured_bf16_matmul_flops(machine["device_kind"])
     print(f"machine: {describe_machine(machine)}", flush=True)
-    print(f"bf16 peak of {machine['device_kind']}: "
+    print(f"measured bf16 matmul throughput of {machine['device_kind']}: "
           f"{'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}", flush=True)
     records: list[dict[str, Any]] = []
 
@@ -342,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                                [[o["name"][:80], f"{o['ms_per_step']:.2f}",
                                  f"{100 * o['share']:.1f}%"] for o in prof["top_ops"]]))
     if any(r.get("reference_gflop_per_sample") for r in records):
-        print("REF figure: REFERENCE.md GFLOP/sample of the peer's step (3 passes of both "
-              "encoders per sample, as here) x samples/s.")
+        print("PyTorch FLOPs: GFLOP/sample of a PyTorch IaI-SimCLR step (3 passes of both "
+              "encoders per sample, as here; benchmarks/RESULTS.md) x samples/s.")
     path = save(finished=True)
     print(f"wrote {path}")
     return 1 if any("error" in r or not r.get("loss_finite", True) for r in records) else 0

@@ -1,4 +1,5 @@
-"""IaI-SimCLR baseline (REFERENCE.md section 5): intra S1 + intra S2 + inter NT-Xent.
+"""IaI-SimCLR baseline (Prexl & Schmitt 2023, "Multi-Modal Multi-Objective Contrastive Learning
+for Sentinel-1/2 Imagery"): intra S1 + intra S2 + inter NT-Xent.
 
 Temperature 0.5, Adam 1e-4 without weight decay, and three forward passes per step (the
 inter-modal term on its own third view), as published. `loss.inter_view='shared'` reads the

@@ -98,6 +98,9 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path, *,
     configs = [c.name for c in (cls.BUILDER_CONFIGS or [])]
     if config is not None and config not in configs:
         raise UsageError(f"unknown config {config!r} of {name}; available: {', '.join(configs)}")
+    if file_format not in FILE_FORMATS:
+        raise UsageError(f"unknown file format {file_format!r}; choose one of "
+                         f"{', '.join(FILE_FORMATS)}")
     manual_dir = Path(manual_dir)
     if not manual_dir.is_dir():
         raise UsageError(f"manual dir {manual_dir} does not exist (see the download "
@@ -107,9 +110,6 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path, *,
     if not any(manual_dir.iterdir()):
         raise UsageError(f"manual dir {manual_dir} is empty: extract the official archives of "
                          f"{name} there")
-    if file_format not in FILE_FORMATS:
-        raise UsageError(f"unknown file format {file_format!r}; choose one of "
-                         f"{', '.join(FILE_FORMATS)}")
     data_dir = Path(data_dir).expanduser()
     kwargs = _builder_kwargs(cls, skip_bad_patches=skip_bad_patches, num_workers=num_workers,
                              skip_checksums=skip_checksums)

@@ -47,7 +47,7 @@ DEFAULT_VERSIONS = {
 }
 # Directories never packed when copying a checkout that is not a git repository.
 SKIP_DIRS = {".git", ".venv", "venv", "runs", "build", "__pycache__", ".pytest_cache",
-             ".ruff_cache", "device_carry"}
+             ".ruff_cache"}
 
 
 class LaunchError(Exception):

@@ -18,11 +18,10 @@ dataset band mean, i.e. 0 in normalised units) and a per-band additive brightnes
 in linear power, hence additive in dB) and an optional per-image dB offset, both converted to
 normalised units with `sar_std_db`.
 
-Randomness and sharding: all random numbers of a call come from one draw of random bits, which
-is drawn with the batch sharding of the inputs when their batch axis is explicitly sharded
-(Explicit mesh axes, inside `jax.set_mesh`), so each device generates only its own samples'
-numbers; with Auto sharding XLA partitions the draw. The views do not depend on the sharding.
-Inside `jax.shard_map`, fold the device index into `rng` so that devices draw differently.
+Randomness: the caller gives one PRNG key per sample, and all random numbers of a sample come
+from one draw of random bits from its key, so a sample's views depend only on its key and pixels,
+never on the batch it sits in or on how the batch is split over devices (the train step folds
+the global sample index into its augment key).
 """
 
 from __future__ import annotations
@@ -30,13 +29,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +97,15 @@ def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.float32
 
 
-# Randomness: every random number of a call comes from a single draw of random bits, sliced per
-# use. One random op keeps compile time low (with the default threefry PRNG each random op costs
-# about as much to compile as the whole resampling).
+# Randomness: every random number of a sample comes from a single draw of random bits from its
+# key, sliced per use. One random op keeps compile time low (with the default threefry PRNG each
+# random op costs about as much to compile as the whole resampling).
 _SPATIAL = 7  # uniforms per spatial transform
 
 
-def _num_uniforms(cfg: AugmentConfig, c2: int, pair: bool) -> int:
+def _num_uniforms(cfg: AugmentConfig, c2: int) -> int:
     """Uniforms per sample and view: spatial (x2 when S1 has its own) + S2 jitter + S1 offset."""
-    spatial = _SPATIAL * (2 if pair and not cfg.share_spatial else 1)
+    spatial = _SPATIAL * (1 if cfg.share_spatial else 2)
     return spatial + 2 * c2 + 1
 
 
@@ -139,12 +134,6 @@ def _spatial_from_uniform(u: jax.Array, cfg: AugmentConfig, height: int, width: 
     flip_rows, flip_cols, transpose = _dihedral(hflip, vflip, k)
     return dict(y0=u[2] * (1.0 - hf), x0=u[3] * (1.0 - wf), hf=hf, wf=wf, flip_rows=flip_rows,
                 flip_cols=flip_cols, transpose=transpose)
-
-
-def _sample_spatial(key: jax.Array, cfg: AugmentConfig, height: int, width: int) -> dict:
-    """One random spatial transform (see `_spatial_from_uniform`)."""
-    u = jax.random.uniform(key, (_SPATIAL,), jnp.float32)
-    return _spatial_from_uniform(u, cfg, height, width)
 
 
 def _dihedral(
@@ -265,42 +254,21 @@ def _normal_from_bits(bits: jax.Array, c: int) -> jax.Array:
     return jnp.concatenate([r * jnp.cos(theta), r * jnp.sin(theta)], axis=-1)[..., :c]
 
 
-def _batch_axis_spec(x: jax.Array) -> tuple[Any, Any] | None:
-    """(mesh, mesh axes) the batch dimension of `x` is explicitly sharded over, else None."""
-    try:
-        sharding = jax.typeof(x).sharding
-        spec, mesh = sharding.spec, sharding.mesh
-    except (AttributeError, TypeError):
-        return None
-    if not len(spec) or spec[0] is None or not getattr(mesh, "axis_names", ()):
-        return None
-    return mesh, spec[0]
-
-
-def _draw(rng: jax.Array, cfg: AugmentConfig, lead: tuple[int, ...], num_u: int,
-          c1: int | None, batch_spec: tuple[Any, Any] | None = None
+def _draw(key: jax.Array, cfg: AugmentConfig, num_views: int, num_u: int, c1: int
           ) -> tuple[jax.Array, jax.Array | None]:
-    """All random numbers of a call from ONE draw of random bits [*lead, num_u + noise words]:
-    uniforms [*lead, num_u] and, when SAR noise is on, standard normals [*lead, o, o, c1].
-
-    The last entry of `lead` is the batch; `batch_spec` (explicit sharding of the images' batch
-    axis) shards the draw the same way, so each device generates only its samples' numbers.
+    """All random numbers of one sample from ONE draw of random bits from its `key`: uniforms
+    [num_views, num_u] and, when SAR noise is on, standard normals [num_views, o, o, c1].
     """
     words = 0
     noise_words = None
-    if c1 is not None and c1 > 0 and cfg.sar_noise_db > 0:
-        noise_words = (*lead, cfg.out_size, cfg.out_size, (c1 + 1) // 2)
-        words = math.prod(noise_words[len(lead):])
-    sharding = None
-    if batch_spec is not None:
-        mesh, axes = batch_spec
-        sharding = NamedSharding(mesh, P(*([None] * (len(lead) - 1)), axes, None))
-    kwargs = {} if sharding is None else {"out_sharding": sharding}  # older jax lacks it
-    bits = jax.random.bits(rng, (*lead, num_u + words), jnp.uint32, **kwargs)
-    u = _uniform_from_bits(bits[..., :num_u])
+    if c1 > 0 and cfg.sar_noise_db > 0:
+        noise_words = (num_views, cfg.out_size, cfg.out_size, (c1 + 1) // 2)
+        words = math.prod(noise_words[1:])
+    bits = jax.random.bits(key, (num_views, num_u + words), jnp.uint32)
+    u = _uniform_from_bits(bits[:, :num_u])
     if noise_words is None:
         return u, None
-    return u, _normal_from_bits(bits[..., num_u:].reshape(noise_words), c1)
+    return u, _normal_from_bits(bits[:, num_u:].reshape(noise_words), c1)
 
 
 def _pair_view(u: jax.Array, noise: jax.Array | None, s1: jax.Array, s2: jax.Array,
@@ -319,18 +287,6 @@ def _pair_view(u: jax.Array, noise: jax.Array | None, s1: jax.Array, s2: jax.Arr
     return y1, y2
 
 
-def _single_view(u: jax.Array, noise: jax.Array | None, x: jax.Array, cfg: AugmentConfig,
-                 modality: str) -> jax.Array:
-    """One view of one image x [H, W, C] -> [o, o, C]."""
-    c = x.shape[-1]
-    y = _resample(x, _spatial_from_uniform(u[:_SPATIAL], cfg, x.shape[-3], x.shape[-2]),
-                  cfg.out_size)
-    rest = u[_SPATIAL:]
-    if modality == "s1":
-        return _jitter_s1(y, rest[2 * c], noise, cfg)
-    return _jitter_s2(y, rest[: 2 * c], cfg)
-
-
 def _check_image(x: jax.Array, name: str) -> None:
     if x.ndim != 4:
         raise ValueError(f"{name} must be [B, H, W, C], got shape {x.shape}")
@@ -342,12 +298,12 @@ def _out_dtype(dtype: jnp.dtype) -> jnp.dtype:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_views"))
 def paired_views(
-    rng: jax.Array, s1: jax.Array, s2: jax.Array, cfg: AugmentConfig, num_views: int = 2
+    keys: jax.Array, s1: jax.Array, s2: jax.Array, cfg: AugmentConfig, num_views: int = 2
 ) -> tuple[jax.Array, jax.Array]:
     """`num_views` independently augmented views of a batch of co-registered S1/S2 pairs.
 
     Args:
-      rng: PRNG key.
+      keys: [B] PRNG keys, one per sample (a sample's views depend only on its key and pixels).
       s1: [B, H, W, c1] normalised SAR batch; s2: [B, H, W, c2] normalised optical batch (same B;
         H, W may differ between modalities: the crop box is shared in relative coordinates).
       cfg: AugmentConfig (static).
@@ -362,90 +318,43 @@ def paired_views(
     _check_image(s2, "s2")
     if s1.shape[0] != s2.shape[0]:
         raise ValueError(f"batch sizes differ: s1 {s1.shape}, s2 {s2.shape}")
+    if keys.ndim < 1 or keys.shape[0] != s1.shape[0]:
+        raise ValueError(f"keys must hold one PRNG key per sample: keys {keys.shape}, "
+                         f"s1 {s1.shape}")
     if num_views < 1:
         raise ValueError(f"num_views must be >= 1, got {num_views}")
     d1, d2 = _out_dtype(s1.dtype), _out_dtype(s2.dtype)
     s1c = s1.astype(_compute_dtype(s1.dtype))
     s2c = s2.astype(_compute_dtype(s2.dtype))
-    n, c1, c2 = s1.shape[0], s1.shape[-1], s2.shape[-1]
-    u, noise = _draw(rng, cfg, (num_views, n), _num_uniforms(cfg, c2, pair=True), c1,
-                     _batch_axis_spec(s2))
+    num_u = _num_uniforms(cfg, s2.shape[-1])
 
-    def per_sample(u_, n_, a, b):
-        return _pair_view(u_, n_, a, b, cfg)
+    def per_sample(key, a, b):  # -> [V, o, o, c1], [V, o, o, c2]
+        u, noise = _draw(key, cfg, num_views, num_u, a.shape[-1])
+        return jax.vmap(lambda u_, n_: _pair_view(u_, n_, a, b, cfg))(u, noise)
 
-    # vmap over views (inputs shared), then over samples.
-    f = jax.vmap(jax.vmap(per_sample), in_axes=(0, 0, None, None))
-    y1, y2 = f(u, noise, s1c, s2c)
+    y1, y2 = jax.vmap(per_sample, out_axes=1)(keys, s1c, s2c)
     return y1.astype(d1), y2.astype(d2)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def two_views(
-    rng: jax.Array, s1: jax.Array, s2: jax.Array, cfg: AugmentConfig
-) -> dict[str, jax.Array]:
-    """`paired_views` with two views, as a dict s1_a, s1_b [B, out, out, c1], s2_a, s2_b
-    [B, out, out, c2] (the SimCLR pair)."""
-    y1, y2 = paired_views(rng, s1, s2, cfg, 2)
-    return dict(s1_a=y1[0], s1_b=y1[1], s2_a=y2[0], s2_b=y2[1])
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "modality"))
-def augment_single(rng: jax.Array, x: jax.Array, cfg: AugmentConfig, modality: str) -> jax.Array:
-    """One augmented view of one modality.
-
-    Args:
-      rng: PRNG key.
-      x: [B, H, W, C] batch (each sample gets its own transform) or one image [H, W, C].
-      cfg: AugmentConfig (static).
-      modality: "s1" (SAR noise) or "s2" (optical jitter).
-
-    Returns:
-      [B, out, out, C] (or [out, out, C]) in the input float dtype.
-    """
-    if modality not in ("s1", "s2"):
-        raise ValueError(f"modality must be 's1' or 's2', got {modality!r}")
-    if x.ndim not in (3, 4):
-        raise ValueError(f"x must be [B, H, W, C] or [H, W, C], got shape {x.shape}")
-    xb = (x[None] if x.ndim == 3 else x).astype(_compute_dtype(x.dtype))
-    c = x.shape[-1]
-    u, noise = _draw(rng, cfg, (xb.shape[0],), _num_uniforms(cfg, c, pair=False),
-                     c if modality == "s1" else None, _batch_axis_spec(xb))
-    y = jax.vmap(lambda u_, n_, im: _single_view(u_, n_, im, cfg, modality),
-                 in_axes=(0, None if noise is None else 0, 0))(u, noise, xb)
-    return (y[0] if x.ndim == 3 else y).astype(_out_dtype(x.dtype))
-
-
-@functools.partial(jax.jit, static_argnames=("out_size", "crop_fraction"))
-def center_resize(x: jax.Array, out_size: int, crop_fraction: float = 1.0) -> jax.Array:
-    """Deterministic evaluation transform: central square crop, bilinear resize to out_size.
+@functools.partial(jax.jit, static_argnames=("out_size",))
+def center_resize(x: jax.Array, out_size: int) -> jax.Array:
+    """Deterministic evaluation transform: central square crop of side min(H, W), bilinear
+    resize to out_size.
 
     Args:
       x: [..., H, W, C] images (any leading dims).
       out_size: side of the square output, pixels.
-      crop_fraction: side of the central crop as a fraction of min(H, W), in (0, 1].
 
     Returns:
-      [..., out_size, out_size, C] in the input float dtype; identity when out_size == H == W
-      and crop_fraction == 1.
+      [..., out_size, out_size, C] in the input float dtype; identity when out_size == H == W.
     """
-    if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
     if x.ndim < 3:
         raise ValueError(f"x must be [..., H, W, C], got shape {x.shape}")
     h, w = x.shape[-3], x.shape[-2]
-    side = crop_fraction * min(h, w)
+    side = min(h, w)
     hf, wf = side / h, side / w
     f = jnp.zeros((), bool)
     sp = dict(y0=jnp.float32((1 - hf) / 2), x0=jnp.float32((1 - wf) / 2), hf=jnp.float32(hf),
               wf=jnp.float32(wf), flip_rows=f, flip_cols=f, transpose=f)
     y = _resample(x.astype(_compute_dtype(x.dtype)), sp, out_size)
     return y.astype(_out_dtype(x.dtype))
-
-
-def sar_std_for(dataset: str, bands: str | Sequence[str]) -> tuple[float, ...]:
-    """Per-band S1 std (dB) of `bands` for AugmentConfig.sar_std_db (host-side helper)."""
-    from mosaic_jax import bands as bands_lib
-
-    _, std = bands_lib.band_stats(dataset, "s1", bands)
-    return tuple(float(s) for s in std)

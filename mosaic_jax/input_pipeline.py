@@ -527,10 +527,3 @@ def make_eval_dataset(
     num_batches = -(-n // global_batch_size)
     ds = grain.MapDataset.range(num_batches).map(_EvalBatch(source, norm, global_batch_size, b, p))
     return ds.to_iter_dataset(_read_options(prefetch_buffer))
-
-
-def take(dataset: grain.IterDataset, num: int) -> list[dict[str, np.ndarray]]:
-    """First `num` elements of a fresh iterator (convenience for tests and benchmarks)."""
-    it = iter(dataset)
-    return [next(it) for _ in range(num)]
-

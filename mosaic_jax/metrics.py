@@ -26,6 +26,8 @@ __all__ = [
 
 # Probabilities a little outside [0, 1] (float round-off from a sigmoid) are tolerated.
 _PROB_TOL = 1e-6
+# A class is predicted present when its probability is >= THRESHOLD (F1, Hamming loss).
+THRESHOLD = 0.5
 
 
 def _check_scores_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -107,20 +109,12 @@ def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
-def multilabel_metrics(
-    scores: Any,
-    labels: Any,
-    *,
-    threshold: float = 0.5,
-    valid: Any = None,
-) -> dict[str, Any]:
+def multilabel_metrics(scores: Any, labels: Any) -> dict[str, Any]:
     """Headline and per-class multi-label metrics of predicted probabilities.
 
     Args:
       scores: ``[N, C]`` probabilities in ``[0, 1]`` (sigmoid outputs).
       labels: ``[N, C]`` bool (or 0/1) ground truth.
-      threshold: a class is predicted present when ``score >= threshold`` (F1, Hamming).
-      valid: optional ``[N]`` bool mask; rows where it is False (e.g. batch padding) are ignored.
 
     Returns:
       A JSON-serialisable dict of Python floats / ints / lists:
@@ -135,19 +129,9 @@ def multilabel_metrics(
       (AP of a class without positives) are None.
     """
     scores, labels = _check_scores_labels(scores, labels)
-    if valid is not None:
-        valid = np.asarray(valid)
-        if valid.shape != (scores.shape[0],):
-            raise ValueError(f"valid must have shape [N] = ({scores.shape[0]},); got {valid.shape}")
-        if valid.dtype != np.bool_:
-            if not np.isin(valid, (0, 1)).all():
-                raise ValueError("valid must be boolean or 0/1")
-            valid = valid.astype(bool)
-        scores = scores[valid]
-        labels = labels[valid]
     n, c = scores.shape
     if n == 0:
-        raise ValueError("no (valid) samples to evaluate: scores has 0 rows after masking")
+        raise ValueError("no samples to evaluate: scores has 0 rows")
     if scores.min() < -_PROB_TOL or scores.max() > 1 + _PROB_TOL:
         raise ValueError(
             f"scores must be probabilities in [0, 1]; got range "
@@ -159,7 +143,7 @@ def multilabel_metrics(
     has_pos = labels.any(axis=0)
     macro_ap = float(np.mean(ap[has_pos])) if has_pos.any() else math.nan
 
-    pred = scores >= threshold
+    pred = scores >= THRESHOLD
     tp = np.sum(pred & labels, axis=0)
     fp = np.sum(pred & ~labels, axis=0)
     fn = np.sum(~pred & labels, axis=0)
@@ -179,7 +163,7 @@ def multilabel_metrics(
         "num_samples": int(n),
         "num_classes": int(c),
         "num_classes_with_positives": int(has_pos.sum()),
-        "threshold": float(threshold),
+        "threshold": THRESHOLD,
         "macro_ap": _f(macro_ap),
         "micro_ap": _f(micro_ap),
         "macro_f1": float(np.mean(f1)),

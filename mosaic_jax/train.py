@@ -245,9 +245,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         # One key per global sample index: the views do not depend on the device count.
         first = jax.lax.axis_index(DATA_AXIS) * n
         keys = jax.vmap(jax.random.fold_in, (None, 0))(aug_rng, first + jnp.arange(n))
-        v1, v2 = jax.vmap(lambda k, a, b: jax.tree.map(
-            lambda v: v[:, 0], augment.paired_views(k, a[None], b[None], aug, num_views)),
-            out_axes=1)(keys, batch["s1"], batch["s2"])
+        v1, v2 = augment.paired_views(keys, batch["s1"], batch["s2"], aug, num_views)
         drop_rng = jax.random.fold_in(drop_rng, jax.lax.axis_index(DATA_AXIS))
         # All views in one forward pass: [V * n, ...], view-major.
         s1 = v1.reshape(num_views * n, *v1.shape[2:])

@@ -21,8 +21,9 @@ MACHINE_KEYS = ("platform", "cpu_model", "usable_cores", "memory_gib", "jax_vers
                 "device_kind", "backend")
 
 
-# The GPU machine's image has jax, flax, optax, numpy, etils, absl and PyYAML, but not these
-# (ml_collections travels as a wheel): the train-step benchmark must run without them.
+# A bare GPU image (jax, flax, optax, numpy, etils, absl, PyYAML; ml_collections installed from a
+# wheel by benchmarks/gpu_session.sh --wheels) lacks these: the train-step benchmark must run
+# without them.
 NOT_ON_GPU_IMAGE = ("grain", "tensorflow_datasets", "tensorflow", "clu", "array_record")
 HIDE_PACKAGES = hide_packages_source(NOT_ON_GPU_IMAGE)
 
@@ -52,17 +53,20 @@ def _run(script: str, *args: str, timeout: float = 300, hide_dir: Path | None = 
     return proc
 
 
-def test_helpers():
+def test_helpers(monkeypatch):
     assert loss_memory.logits_bytes("nt_xent", 65_536) == 16 * common.GIB
     assert loss_memory.logits_bytes("cross_modal_infonce", 65_536) == 8 * common.GIB
-    assert train_step.bf16_peak("NVIDIA H100 80GB HBM3") == 798e12
-    assert train_step.bf16_peak("NVIDIA H200") == 790e12
-    assert train_step.bf16_peak("cpu") is None
+    # The throughput table is looked up by a case-insensitive substring of jax's device_kind.
+    monkeypatch.setattr(train_step, "MEASURED_BF16_MATMUL_FLOPS", (("H100", 1e12), ("X9", 2e12)))
+    assert train_step.measured_bf16_matmul_flops("NVIDIA h100 80GB HBM3") == 1e12
+    assert train_step.measured_bf16_matmul_flops("Acme X9 Pro") == 2e12
+    assert train_step.measured_bf16_matmul_flops("cpu") is None
     table = common.format_table(["a", "bb"], [[1, "x"], ["long", 2]])
     assert table.splitlines()[0] == "| a    | bb |"
     assert len({len(line) for line in table.splitlines()}) == 1
 
 
+@pytest.mark.slow
 def test_loss_memory_quick(tmp_path: Path):
     out = tmp_path / "loss_memory.json"
     proc = _run("loss_memory.py", "--quick", "--output", str(out))
@@ -93,6 +97,7 @@ def test_loss_memory_quick(tmp_path: Path):
         assert check["ok"] and check["rel_diff"] < 1e-5 and check["grad_rel_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_train_step_quick(tmp_path: Path):
     out = tmp_path / "train_step.json"
     # As on the GPU machine: without grain, TFDS, TensorFlow, clu.
@@ -175,3 +180,16 @@ def test_anchor_is_imported_by_path(tmp_path: Path):
     assert "bfloat16" in result["dtype"]
     assert result["ratio_samples_per_s"] == pytest.approx(2.5)
     assert "error" in train_step.run_anchor(str(stub), {**record, "image": 32}, steps=5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "unknown argument '--bogus'"),
+    (["--anchor", "no_such_file.py"], "--anchor no_such_file.py is not a file"),
+    (["--wheels", "."], "--wheels . holds no .whl file"),
+])
+def test_gpu_session_rejects_bad_arguments_before_doing_anything(tmp_path, args, message):
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh"), *args],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -2,8 +2,9 @@
 
 Every pixel the builder writes is compared with an independent rasterio read of the source
 file (20/60 m bands upsampled with np.repeat). Tests on the real files (the official metadata and
-the three official sample patches) run when ../shared exists beside the repository and are
-skipped otherwise; the real files are only ever read or copied into pytest's tmp_path.
+the three official sample patches) run when the folder of real sample data beside the repository
+(`SHARED` below) exists and are skipped otherwise; the real files are only ever read or copied
+into pytest's tmp_path.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def direct_codes(root: Path, patch_id: str) -> np.ndarray:
 
 
 def codes_to_classes(codes: np.ndarray) -> np.ndarray:
-    """Independent of the builder's lookup table: a plain loop over the REFERENCE.md table."""
+    """Independent of the builder's lookup table: a plain loop over the CLC-code-to-class table of
+    the BigEarthNet v2.0 19-class nomenclature (Clasen et al. 2025)."""
     out = np.full(codes.shape, 255, dtype=np.uint8)
     for code, cls in ben.CLC_TO_CLASS.items():
         out[codes == code] = cls

@@ -9,6 +9,8 @@ import pytest
 from mosaic_jax import bands, embed, export, input_pipeline
 from mosaic_jax.metrics import multilabel_metrics
 
+pytestmark = pytest.mark.slow  # the integration tier: whole-program runs
+
 
 @pytest.fixture(scope="module")
 def out(exported_dir):

@@ -141,6 +141,7 @@ def _torchvision_names(blocks, bottleneck):
 # Tests
 
 
+@pytest.mark.slow
 def test_export_writes_the_files_and_describes_the_model(workdir, out, restored):
     info = export.load_model_info(out)
     assert sorted(os.listdir(out)) == sorted(
@@ -171,6 +172,7 @@ def test_export_writes_the_files_and_describes_the_model(workdir, out, restored)
     assert sorted(os.listdir(os.path.dirname(out))) == ["export"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 1])
 def test_exported_embedder_gives_the_model_outputs(out, restored, n):
     info = export.load_model_info(out)
@@ -186,6 +188,7 @@ def test_exported_embedder_gives_the_model_outputs(out, restored, n):
     np.testing.assert_allclose(got["probs"], jax.nn.sigmoid(ref["logits"]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_embedder_rejects_wrong_input_shapes(out):
     embed = export.load_embedder(out)
     with pytest.raises(ValueError, match=r"s2 must have shape \[b, 120, 120, 10\]"):
@@ -208,6 +211,7 @@ print("HEAVY", heavy)
 """
 
 
+@pytest.mark.slow
 def test_loader_runs_in_a_process_with_only_jax_and_numpy(out, tmp_path):
     info = export.load_model_info(out)
     s1, s2 = _inputs(info, 2, seed=7)
@@ -226,6 +230,7 @@ def test_loader_runs_in_a_process_with_only_jax_and_numpy(out, tmp_path):
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_params_round_trip_through_msgpack(out, restored):
     import flax.serialization
 
@@ -246,6 +251,7 @@ def test_params_round_trip_through_msgpack(out, restored):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_safetensors_encoders_match_the_flax_encoders(out, restored):
     import safetensors.numpy
     from safetensors import safe_open
@@ -314,6 +320,7 @@ def test_resnet_state_dict_rejects_other_encoders():
         export.resnet_state_dict({"stem_norm": {"gamma": np.ones(3)}}, {})
 
 
+@pytest.mark.slow
 def test_export_of_a_workdir_without_checkpoint_names_it(workdir, tmp_path, capsys):
     empty = tmp_path / "not_trained"
     empty.mkdir()
@@ -328,6 +335,7 @@ def test_export_of_a_workdir_without_checkpoint_names_it(workdir, tmp_path, caps
         checkpoints.latest_step(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_export_replaces_a_previous_export_but_no_other_folder(workdir, tmp_path):
     target = tmp_path / "exp"
     export.export_workdir(workdir, str(target), step=3, platforms=("cpu",))
@@ -343,6 +351,7 @@ def test_export_replaces_a_previous_export_but_no_other_folder(workdir, tmp_path
     assert os.listdir(foreign) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_checkpoints_restores_every_step(workdir):
     assert checkpoints.checkpoint_steps(workdir) == [3, 6]
     early = checkpoints.restore_variables(workdir, 3)
@@ -390,6 +399,7 @@ def _export_untrained_supervised(tmp_path, arg, width):
     return workdir, out, export.export_workdir(workdir, out, platforms=("cpu",))
 
 
+@pytest.mark.slow
 def test_single_tower_resnet50_export(tmp_path):
     """Early fusion (S1 + S2 channels) into a ResNet-50 with the standard stem: the embedder,
     and encoder.safetensors with fc, against the model and the NumPy torchvision reference."""
@@ -421,6 +431,7 @@ def test_single_tower_resnet50_export(tmp_path):
     np.testing.assert_allclose(logits, ref["logits"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_convnext_export_has_the_embedder_params_and_timm_named_safetensors(tmp_path):
     """ConvNeXt-V2: msgpack, model.json, the jax.export embedder (which gives the model's
     outputs) and encoder.safetensors with timm's convnextv2_base names (tests/
@@ -461,6 +472,7 @@ def test_convnext_export_has_the_embedder_params_and_timm_named_safetensors(tmp_
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_restore_reads_everything_when_orbax_has_no_partial_restore(workdir, restored,
                                                                     monkeypatch):
     import orbax.checkpoint as ocp

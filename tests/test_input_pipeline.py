@@ -18,7 +18,8 @@ from mosaic_jax import input_pipeline as ip
 BEN, SEN = "bigearthnet_v2", "sen12ms"
 SIZE = 16
 
-# REFERENCE.md section 3 (BigEarthNet v2, stored ESA order) and section 4 (SEN12MS).
+# Published statistics: BigEarthNet v2 (the official reBEN training recipe, Clasen et al. 2025;
+# stored ESA order) and SEN12MS (benchmark normalisation, Schmitt et al. 2019).
 BEN_S2_MEAN = [361.0768, 438.3721, 614.0557, 588.4096, 942.8433, 1769.9316, 2049.5515, 2193.2920,
                2235.5566, 2241.4553, 1568.2268, 997.7325]
 BEN_S2_STD = [575.0687, 607.0269, 603.2968, 684.5688, 738.4327, 1100.4561, 1275.8054, 1369.3717,
@@ -52,6 +53,12 @@ def example_index(batch_s1: np.ndarray, dataset: str = BEN) -> np.ndarray:
     mean, std = (BEN_S1 if dataset == BEN else SEN_S1)[0]
     vv = batch_s1[:, 0, 0, 0] * std + mean
     return np.rint(np.abs(vv)).astype(int)
+
+
+def take(dataset, num: int) -> list[dict[str, np.ndarray]]:
+    """First `num` elements of a fresh iterator of a Grain dataset."""
+    it = iter(dataset)
+    return [next(it) for _ in range(num)]
 
 
 def train_ds(src, **kw):
@@ -193,9 +200,9 @@ def test_train_epochs_cover_split_and_reshuffle():
         assert sorted(e) == list(range(40))
     assert not np.array_equal(epochs[0], epochs[1])
     assert not np.array_equal(epochs[0], np.arange(40))
-    first = np.concatenate([example_index(b["s1"]) for b in ip.take(train_ds(src), 5)])
+    first = np.concatenate([example_index(b["s1"]) for b in take(train_ds(src), 5)])
     assert np.array_equal(first, epochs[0])  # deterministic
-    other = np.concatenate([example_index(b["s1"]) for b in ip.take(train_ds(src, seed=4), 5)])
+    other = np.concatenate([example_index(b["s1"]) for b in take(train_ds(src, seed=4), 5)])
     assert not np.array_equal(other, epochs[0])
 
 
@@ -218,17 +225,17 @@ def test_train_fraction_and_label_fraction_subsets():
 
 def test_label_fraction_zero_and_one():
     src = make_source(16)
-    b = ip.take(train_ds(src, label_fraction=0.0), 1)[0]
+    b = take(train_ds(src, label_fraction=0.0), 1)[0]
     assert not b["label_mask"].any() and not b["labels"].any()
-    b = ip.take(train_ds(src), 1)[0]
+    b = take(train_ds(src), 1)[0]
     assert b["label_mask"].all() and b["labels"].any()
 
 
 def test_process_slices_make_up_the_global_batch():
     src = make_source(30)
     kw = dict(train_fraction=0.8, label_fraction=0.5, global_batch_size=8)
-    glob = ip.take(train_ds(src, **kw), 6)  # spans an epoch boundary
-    parts = [ip.take(train_ds(src, process_index=p, process_count=2, **kw), 6) for p in (0, 1)]
+    glob = take(train_ds(src, **kw), 6)  # spans an epoch boundary
+    parts = [take(train_ds(src, process_index=p, process_count=2, **kw), 6) for p in (0, 1)]
     for k in range(6):
         assert parts[0][k]["s1"].shape[0] == 4
         for key in glob[k]:
@@ -266,7 +273,7 @@ def test_train_state_restore_continues_exactly():
 
 def test_sen12ms_train_batches():
     src = make_source(12, dataset=SEN)
-    b = ip.take(train_ds(src, dataset=SEN, global_batch_size=4, s2_bands="s2_10"), 1)[0]
+    b = take(train_ds(src, dataset=SEN, global_batch_size=4, s2_bands="s2_10"), 1)[0]
     assert b["s2"].shape == (4, SIZE, SIZE, 10) and b["labels"].shape == (4, 10)
     assert set(example_index(b["s1"], SEN)) <= set(range(12))
     assert b["s1"][..., 0].max() <= (0 + 11.76858) / 4.525339 + 1e-5  # clipped at 0 dB
@@ -274,7 +281,7 @@ def test_sen12ms_train_batches():
 
 def test_worker_processes_give_the_same_batches():
     src = make_source(16)
-    want = ip.take(train_ds(src), 4)
+    want = take(train_ds(src), 4)
     it = iter(train_ds(src, worker_count=2))
     try:
         got = [next(it) for _ in range(4)]
@@ -382,7 +389,7 @@ def test_tfds_source_patch_ids_and_pipeline(tmp_path):
             np.testing.assert_array_equal(got[key], src[i][key])
     with pytest.raises(KeyError, match="no feature \\['nir'\\]"):
         ip._FeatureReader(src, ("s1", "nir"))
-    b = ip.take(train_ds(src, train_fraction=0.7, label_fraction=0.5, global_batch_size=4), 2)
+    b = take(train_ds(src, train_fraction=0.7, label_fraction=0.5, global_batch_size=4), 2)
     want = ip.subset_mask(ids, 0.7, 0)
     for batch in b:
         assert batch["s2"].shape == (4, SIZE, SIZE, 10)
@@ -473,7 +480,7 @@ def test_real_sen12ms_builder_end_to_end(tmp_path):
         download_config=tfds.download.DownloadConfig(manual_dir=str(raw)))
     splits = [s for s in builder.info.splits if s in ("train", "validation")]
     src = ip.open_source("sen12ms", splits[0], data_dir)
-    b = ip.take(ip.make_train_dataset(src, dataset=SEN, global_batch_size=2, seed=0,
+    b = take(ip.make_train_dataset(src, dataset=SEN, global_batch_size=2, seed=0,
                                       s1_bands="s1", s2_bands="s2_10", process_index=0,
                                       process_count=1), 1)[0]
     assert b["s1"].shape == (2, 256, 256, 2) and b["s2"].shape == (2, 256, 256, 10)

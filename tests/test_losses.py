@@ -1,7 +1,8 @@
 """mosaic_jax.losses against float64 NumPy loop references, across devices, and on degenerate input.
 
-The references below are written from the definitions (REFERENCE.md section 2) with plain loops
-over anchors, labels and keys; they share no code with the library.
+The references below are written from the papers' definitions (NT-Xent: Chen et al. 2020;
+CLIP-style InfoNCE: Radford et al. 2021; MulSupCon: Zhang & Wu 2024; SupCon L_out: Khosla et
+al. 2020) with plain loops over anchors, labels and keys; they share no code with the library.
 """
 
 import functools
@@ -263,7 +264,8 @@ def test_blockwise_values_and_gradients_equal_plain(block_size):
 def _mesh():
     if jax.device_count() < N_DEV:
         pytest.skip(f"needs {N_DEV} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-    return jax.make_mesh((N_DEV,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh((N_DEV,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:N_DEV])
 
 
 @pytest.mark.parametrize("block_size", [None, 4])

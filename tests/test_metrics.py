@@ -100,7 +100,7 @@ def test_ap_accepts_logits_and_large_inputs():
 # ---------------------------------------------------------------- multilabel_metrics
 def test_multilabel_metrics_against_loops_and_sklearn():
     scores, labels = random_case(6, n=80, c=5)
-    m = multilabel_metrics(scores, labels, threshold=0.5)
+    m = multilabel_metrics(scores, labels)
     n, c = labels.shape
     pred = scores >= 0.5
 
@@ -142,17 +142,10 @@ def test_multilabel_metrics_against_loops_and_sklearn():
     json.dumps(m, allow_nan=False)  # strictly JSON-serialisable
 
 
-def test_valid_mask_equals_dropping_rows():
+def test_no_samples_is_an_error():
     scores, labels = random_case(7, n=50)
-    valid = np.random.default_rng(7).random(50) < 0.6
-    garbage = scores.copy()
-    garbage[~valid] = 0.77  # padded rows must not matter
-    got = multilabel_metrics(garbage, labels, valid=valid)
-    want = multilabel_metrics(scores[valid], labels[valid])
-    assert got == want
-    assert got["num_samples"] == int(valid.sum())
-    with pytest.raises(ValueError, match="no \\(valid\\) samples"):
-        multilabel_metrics(scores, labels, valid=np.zeros(50, bool))
+    with pytest.raises(ValueError, match="no samples"):
+        multilabel_metrics(scores[:0], labels[:0])
 
 
 def test_chance_reference_is_constant_predictor_macro_ap():
@@ -175,25 +168,21 @@ def test_perfect_predictor():
 
 
 @pytest.mark.parametrize(
-    "scores_shape, labels_shape, valid_shape, name",
+    "scores_shape, labels_shape, name",
     [
-        ((10,), (10,), None, "scores"),
-        ((10, 3), (10, 4), None, "labels"),
-        ((10, 3), (9, 3), None, "labels"),
-        ((10, 3), (10, 3), (9,), "valid"),
-        ((10, 3), (10, 3), (10, 1), "valid"),
+        ((10,), (10,), "scores"),
+        ((10, 3), (10, 4), "labels"),
+        ((10, 3), (9, 3), "labels"),
     ],
 )
-def test_shape_errors_name_the_argument(scores_shape, labels_shape, valid_shape, name):
+def test_shape_errors_name_the_argument(scores_shape, labels_shape, name):
     scores = np.zeros(scores_shape)
     labels = np.zeros(labels_shape, bool)
-    valid = None if valid_shape is None else np.ones(valid_shape, bool)
     with pytest.raises(ValueError, match=name) as err:
-        multilabel_metrics(scores, labels, valid=valid)
-    assert str(scores_shape if name != "valid" else valid_shape) in str(err.value)
-    if valid is None:
-        with pytest.raises(ValueError, match=name):
-            average_precision_per_class(scores, labels)
+        multilabel_metrics(scores, labels)
+    assert str(scores_shape) in str(err.value)
+    with pytest.raises(ValueError, match=name):
+        average_precision_per_class(scores, labels)
 
 
 def test_value_errors():

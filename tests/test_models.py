@@ -276,20 +276,19 @@ def test_resnet_layer_names() -> None:
     assert p50["layer2_0"]["downsample_conv"]["kernel"].shape == (1, 1, 16, 32)
 
 
-def test_zero_init_residual() -> None:
-    """Real initialisers: BN scales 1 (last of each block 0 with the option), biases 0."""
+def test_block_initialisers() -> None:
+    """Real initialisers: BN scales 1, biases 0, He-normal (fan_out) conv kernels."""
     x = rand(0, (2, 8, 8, 8))
     blocks = {
-        ("basic", False): (BasicBlock(8, stride=2), "bn2"),
-        ("basic", True): (BasicBlock(8, stride=2, zero_init_residual=True), "bn2"),
-        ("bottleneck", True): (Bottleneck(4, zero_init_residual=True), "bn3"),
+        "basic": (BasicBlock(8, stride=2), "bn2"),
+        "bottleneck": (Bottleneck(4), "bn3"),
     }
     init_all = jax.jit(lambda key: {k: m.init(key, x, train=False) for k, (m, _) in blocks.items()})
     inits = init_all(fast_key())
-    for (kind, zero), (_, last) in blocks.items():
-        v = inits[(kind, zero)]
+    for kind, (_, last) in blocks.items():
+        v = inits[kind]
         p = v["params"]
-        np.testing.assert_array_equal(p[last]["scale"], 0.0 if zero else 1.0)
+        np.testing.assert_array_equal(p[last]["scale"], 1.0)
         np.testing.assert_array_equal(p["bn1"]["scale"], 1.0)
         np.testing.assert_array_equal(p["downsample_bn"]["scale"], 1.0)
         np.testing.assert_array_equal(p["bn1"]["bias"], 0.0)
@@ -299,7 +298,6 @@ def test_zero_init_residual() -> None:
         k = np.asarray(p["conv2"]["kernel"])
         fan_out = k.shape[0] * k.shape[1] * k.shape[3]
         assert 0.5 < k.std() * np.sqrt(fan_out / 2.0) < 1.5
-    assert build_encoder("resnet50", zero_init_residual=True).zero_init_residual
 
 
 @pytest.mark.parametrize("depth", [18, 50])
@@ -387,7 +385,7 @@ def test_bf16_compute_close_to_fp32(name: str) -> None:
 def _shard_vs_single(model, ref_model, variables, x, n_dev: int):
     """Train-mode forward of ``model`` under shard_map over ``n_dev`` devices, and of
     ``ref_model`` (no BN axis) on one device with the full batch."""
-    mesh = jax.make_mesh((n_dev,), ("data",))
+    mesh = jax.make_mesh((n_dev,), ("data",), devices=jax.devices()[:n_dev])
 
     def fwd(v, x, m=model):
         return m.apply(v, x, train=True, mutable=["batch_stats"])
@@ -454,7 +452,7 @@ def test_bn_sync_across_devices(kind: str) -> None:
 @pytest.mark.parametrize("model_name", ["resnet18", "resnet50", "two_tower"])
 def test_bn_axis_reaches_every_batchnorm(model_name: str) -> None:
     """Structurally (tracing only): one cross-device reduction per BatchNorm layer."""
-    mesh = jax.make_mesh((N_DEV,), ("data",))
+    mesh = jax.make_mesh((N_DEV,), ("data",), devices=jax.devices()[:N_DEV])
     shape = (2 * N_DEV, 16, 16, 3)
 
     def make(axis):

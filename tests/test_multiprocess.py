@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE
 
+pytestmark = pytest.mark.slow  # the integration tier: multi-process program runs
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6  # as conftest.program_config, whose in-process run is the reference
 
@@ -40,12 +42,14 @@ def _command(data_dir, workdir, *extra):
             *extra]
 
 
-def _start(data_dir, workdir, devices=8, extra=()):
-    # The compile settings of this session, so that results match the in-process reference.
-    env = dict(os.environ,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+def _start(data_dir, workdir, devices=None, extra=(), launcher=("-m", "mosaic_jax.main")):
+    """Starts the program (`launcher` after the interpreter) on `devices` CPU devices, by default
+    this session's count, so that results match the in-process reference bit for bit."""
+    env = dict(os.environ, XLA_FLAGS=(f"--xla_force_host_platform_device_count="
+                                      f"{devices or jax.device_count()} {FAST_COMPILE}"),
                JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.Popen(_command(data_dir, workdir, *extra), cwd=REPO, env=env,
+    command = [sys.executable, *launcher, *_command(data_dir, workdir, *extra)[3:]]
+    return subprocess.Popen(command, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -70,7 +74,8 @@ def _steps(workdir):
 
 @pytest.fixture(scope="module")
 def reference(trained_workdir):
-    """Parameters after STEPS steps of the uninterrupted in-process run on 8 devices."""
+    """Parameters after STEPS steps of the uninterrupted in-process run on this session's
+    devices (8 forced CPU devices, tests/conftest.py)."""
     return _params(trained_workdir[0])
 
 
@@ -81,7 +86,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(prepared_fake,
     short = ("--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.05",
              "--config.num_train_steps=2", "--config.log_every_steps=1")
     # All three processes at once: each compiles mostly on one core.
-    single = _start(prepared_fake, tmp_path / "one", extra=short)
+    single = _start(prepared_fake, tmp_path / "one", devices=8, extra=short)
     port = _free_port()
     procs = [_start(prepared_fake, tmp_path / "two", devices=4,
                     extra=(*short, f"--coordinator_address=127.0.0.1:{port}",
@@ -121,26 +126,58 @@ def test_sigterm_saves_and_the_restarted_run_matches(prepared_fake, reference, t
         np.testing.assert_array_equal(got, want)
 
 
+# Runs the program with orbax's checkpoint commit (the rename of a step's finished temporary
+# folder to the step's name) held back from the second checkpoint on, after writing argv[1] (a
+# marker file) with the temporary folder's path: a SIGKILL then always lands during a write.
+HELD_COMMIT_LAUNCHER = """\
+import asyncio, os, pathlib, runpy, sys
+from orbax.checkpoint._src.path import atomicity
+
+sys.path.insert(0, os.getcwd())  # the repository, as `python -m` has it
+marker = pathlib.Path(sys.argv.pop(1))
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+calls = []
+
+
+async def held_finalize(self):
+    step = pathlib.Path(self.get()).name.split(".")[0].isdigit()  # a step, not one of its items
+    calls.extend([self] if step else [])
+    if step and len(calls) == 2:
+        marker.write_text(str(self.get()))
+        await asyncio.sleep(3600)
+    await finalize(self)
+
+
+atomicity.AtomicRenameTemporaryPath.finalize = held_finalize
+runpy.run_module("mosaic_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_sigkill_during_a_checkpoint_write_restarts_from_the_previous_one(prepared_fake,
                                                                           reference, tmp_path):
-    # A checkpoint every step (the interval does not change the training): writes at 1..6.
+    # A checkpoint every step (the interval does not change the training): writes at 1..6; the
+    # launcher holds the commit of step 2, so step 1 is the last finished one.
     every_step = ("--config.checkpoint_every_steps=1",)
-    proc = _start(prepared_fake, tmp_path, extra=every_step)
-    ckpt = tmp_path / "checkpoints"
-    partial = None
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        writing = [p for p in ckpt.glob("*") if "tmp" in p.name] if ckpt.exists() else []
-        if writing and _steps(tmp_path):  # a later checkpoint is being written
-            proc.kill()
-            partial = writing[0].name
-            break
-        time.sleep(0.001)
-    proc.communicate()
-    if partial is None:
-        pytest.skip("the run ended before a checkpoint write could be interrupted")
-    finished = _steps(tmp_path)
-    out = _finish(_start(prepared_fake, tmp_path, extra=every_step))
-    assert f"Resuming from the checkpoint at step {max(finished)}" in out
-    for got, want in zip(_params(tmp_path), reference, strict=True):
+    launcher = tmp_path / "held_commit.py"
+    launcher.write_text(HELD_COMMIT_LAUNCHER)
+    marker = tmp_path / "writing"
+    workdir = tmp_path / "run"
+    proc = _start(prepared_fake, workdir, extra=every_step, launcher=(str(launcher), str(marker)))
+    try:
+        deadline = time.time() + 600
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[0][-4000:]
+            assert time.time() < deadline, "the second checkpoint write never started"
+            time.sleep(0.05)
+        writing = pathlib.Path(marker.read_text())
+        assert writing.is_dir() and writing.parent == workdir / "checkpoints", writing
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert writing.exists()  # killed mid-write: the temporary folder is left behind
+    assert _steps(workdir) == [1]
+    out = _finish(_start(prepared_fake, workdir, extra=every_step))
+    assert "Resuming from the checkpoint at step 1" in out
+    for got, want in zip(_params(workdir), reference, strict=True):
         np.testing.assert_array_equal(got, want)

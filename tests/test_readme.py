@@ -6,7 +6,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import FAST_COMPILE
+
+pytestmark = pytest.mark.slow  # the integration tier: the examples run in subprocesses
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 

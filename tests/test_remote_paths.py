@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from etils import epath
 from etils.epath import backend as backend_lib
 from etils.epath import gpath, register
 
@@ -82,12 +81,6 @@ def bucket(tmp_path, monkeypatch) -> Iterator[str]:
     yield str(root / "bucket")
     # A URL mistaken for a local path would have become a folder "gs:" here.
     assert os.listdir(cwd) == []
-
-
-def test_fake_bucket_is_used(bucket):
-    epath.Path(f"{BUCKET}/a/b.txt").write_text("hi")
-    assert open(os.path.join(bucket, "a", "b.txt")).read() == "hi"
-    assert [p.name for p in epath.Path(f"{BUCKET}/a").iterdir()] == ["b.txt"]
 
 
 # ---------------------------------------------------------------------------------------------

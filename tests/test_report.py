@@ -11,6 +11,8 @@ import pytest
 from mosaic_jax import report
 from mosaic_jax.metrics import multilabel_metrics
 
+pytestmark = pytest.mark.slow  # the integration tier: whole-program runs
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

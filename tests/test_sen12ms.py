@@ -21,7 +21,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_SEN12MS = SHARED / "data" / "sen12ms"
 REPO = Path(__file__).resolve().parents[1]
 
-# Independent restatement of the simplified IGBP scheme (REFERENCE.md section 4).
+# Independent restatement of the simplified IGBP scheme (Schmitt & Wu 2021).
 SIMPLIFIED_SOURCES = {0: [1, 2, 3, 4, 5], 1: [6, 7], 2: [8, 9], 3: [10], 4: [11], 5: [12, 14],
                       6: [13], 7: [15], 8: [16], 9: [17]}
 SEASON_DIR = {"spring": "ROIs1158_spring", "summer": "ROIs1868_summer", "fall": "ROIs1970_fall",

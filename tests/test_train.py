@@ -102,7 +102,8 @@ def test_third_view_feeds_the_inter_term_and_matches_an_independent_forward():
     # The step's documented randomness: per-sample keys folded from the step's augment key.
     aug_rng = jax.random.split(jax.random.fold_in(before.rng, 0))[0]
     aug = train.augment_config(config)
-    views = [augment.paired_views(jax.random.fold_in(aug_rng, i), local["s1"][i:i + 1],
+    # Sample by sample (a batch of one each), independently of the step's batched call.
+    views = [augment.paired_views(jax.random.fold_in(aug_rng, i)[None], local["s1"][i:i + 1],
                                   local["s2"][i:i + 1], aug, 3) for i in range(n)]
     v1 = jnp.concatenate([v[0] for v in views], axis=1)  # [3, n, o, o, c1]
     v2 = jnp.concatenate([v[1] for v in views], axis=1)
@@ -155,6 +156,7 @@ def _compile_step(config, devices=None, lower_only=False):
     return lowered if lower_only else lowered.compile()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, arg", [(n, "demo") for n in CONFIG_NAMES]
                          + [("supervised", "demo,convnext"), ("supervised", "demo,late")])
 def test_every_config_builds_and_its_step_compiles_ahead_of_time(name, arg):
@@ -258,6 +260,7 @@ def _state_of(workdir, step):
     return checkpoints.restore_variables(workdir, step).variables
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, trained_workdir, tmp_path,
                                                     capsys):
     config = program_config(prepared_fake)
@@ -280,6 +283,7 @@ def test_resumed_run_ends_like_an_uninterrupted_run(prepared_fake, trained_workd
     assert record["step"] == 6 and record["macro_ap"] == metrics_full["macro_ap"]
 
 
+@pytest.mark.slow
 def test_load_pretrained_copies_encoders_and_heads_but_not_the_classifier(trained_workdir):
     workdir, _ = trained_workdir
     config = program_config("unused")
@@ -294,6 +298,7 @@ def test_load_pretrained_copies_encoders_and_heads_but_not_the_classifier(traine
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_only_the_classifier(prepared_fake, trained_workdir, tmp_path):
     workdir, _ = trained_workdir
     config = tiny(load_config("linear_probe"))
@@ -371,6 +376,7 @@ def _checkpoint_is_finite(workdir, step):
     return all(np.isfinite(x).all() for x in jax.tree.leaves(_state_of(workdir, step)))
 
 
+@pytest.mark.slow
 def test_nan_between_log_steps_is_caught_at_its_step_and_never_saved(prepared_fake, tmp_path,
                                                                     monkeypatch):
     # Step 3 sees a NaN pixel; logs come every 6 steps, checkpoints every 2: the old guard

@@ -24,14 +24,12 @@ Dtype = Any
 # Official init: truncated normal std 0.02 for conv / linear weights, zero biases.
 dense_init = nn.initializers.truncated_normal(stddev=0.02)
 
+# (depths, dims) of the variants an encoder name can select (models.towers.CONVNEXT_NAMES).
 VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
-    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
-    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
     "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
     "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
     "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
-    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
 }
 
 LN_EPS = 1e-6
@@ -173,9 +171,8 @@ class ConvNeXtV2(nn.Module):
 
 
 def convnext_v2(variant: str, **kwargs: Any) -> ConvNeXtV2:
-    """Build a named ConvNeXt-V2 variant (``atto``, ``femto``, ``pico``, ``nano``, ``tiny``,
-    ``base``, ``large``); ``kwargs`` go to :class:`ConvNeXtV2` (``dtype``, ``drop_path_rate``,
-    or ``dims`` to override the widths)."""
+    """Build a named ConvNeXt-V2 variant (``atto``, ``nano``, ``tiny``, ``base``); ``kwargs`` go
+    to :class:`ConvNeXtV2` (``dtype``, ``drop_path_rate``, or ``dims`` to override the widths)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown ConvNeXt-V2 variant {variant!r}; valid: {sorted(VARIANTS)}")
     depths, dims = VARIANTS[variant]

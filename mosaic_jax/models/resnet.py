@@ -54,7 +54,6 @@ class BasicBlock(nn.Module):
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
-    zero_init_residual: bool = False
 
     expansion = 1
 
@@ -65,7 +64,7 @@ class BasicBlock(nn.Module):
         y = _conv(self, self.features, 3, self.stride, "conv1")(x)
         y = nn.relu(bn("bn1")(y))
         y = _conv(self, self.features, 3, 1, "conv2")(y)
-        y = bn("bn2", zero=self.zero_init_residual)(y)
+        y = bn("bn2")(y)
         if self.stride != 1 or x.shape[-1] != out_features:
             x = _conv(self, out_features, 1, self.stride, "downsample_conv")(x)
             x = bn("downsample_bn")(x)
@@ -83,7 +82,6 @@ class Bottleneck(nn.Module):
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
-    zero_init_residual: bool = False
 
     expansion = 4
 
@@ -96,7 +94,7 @@ class Bottleneck(nn.Module):
         y = _conv(self, self.features, 3, self.stride, "conv2")(y)
         y = nn.relu(bn("bn2")(y))
         y = _conv(self, out_features, 1, 1, "conv3")(y)
-        y = bn("bn3", zero=self.zero_init_residual)(y)
+        y = bn("bn3")(y)
         if self.stride != 1 or x.shape[-1] != out_features:
             x = _conv(self, out_features, 1, self.stride, "downsample_conv")(x)
             x = bn("downsample_bn")(x)
@@ -119,9 +117,9 @@ def _conv(module: nn.Module, features: int, k: int, stride: int, name: str) -> n
 
 
 def _bn_factory(module: nn.Module, train: bool):
-    """Return ``make(name, zero=False) -> nn.BatchNorm`` configured from ``module``'s fields."""
+    """Return ``make(name) -> nn.BatchNorm`` configured from ``module``'s fields."""
 
-    def make(name: str, zero: bool = False) -> nn.BatchNorm:
+    def make(name: str) -> nn.BatchNorm:
         return nn.BatchNorm(
             use_running_average=not train,
             momentum=module.bn_momentum,
@@ -129,7 +127,6 @@ def _bn_factory(module: nn.Module, train: bool):
             dtype=module.dtype,
             param_dtype=jnp.float32,
             axis_name=module.bn_axis_name,
-            scale_init=nn.initializers.zeros if zero else nn.initializers.ones,
             name=name,
         )
 
@@ -151,7 +148,6 @@ class ResNet(nn.Module):
         bn_axis_name: mapped axis over which BatchNorm statistics are averaged in training (for
             use inside ``jax.shard_map``/``pmap``); ``None`` = per-device statistics.
         bn_momentum: running-average decay (0.9 = torchvision momentum 0.1).
-        zero_init_residual: initialise the last BN scale of each residual block to zero.
         remat: recompute each residual block's activations in the backward pass instead of
             keeping them (``nn.remat``): less memory for more compute; same values, same
             parameter layout.
@@ -166,7 +162,6 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
-    zero_init_residual: bool = False
     remat: bool = False
 
     @nn.compact
@@ -194,7 +189,6 @@ class ResNet(nn.Module):
                     dtype=self.dtype,
                     bn_axis_name=self.bn_axis_name,
                     bn_momentum=self.bn_momentum,
-                    zero_init_residual=self.zero_init_residual,
                     name=f"layer{i + 1}_{j}",
                 )(x, train)
 

@@ -38,7 +38,6 @@ def build_encoder(
     dtype: Dtype = jnp.float32,
     bn_axis_name: str | None = None,
     bn_momentum: float = 0.9,
-    zero_init_residual: bool = False,
     drop_path_rate: float = 0.0,
     remat: bool = False,
 ) -> nn.Module:
@@ -47,7 +46,7 @@ def build_encoder(
     Names: ``resnet18``, ``resnet34``, ``resnet50``, ``convnextv2_atto``, ``convnextv2_nano``,
     ``convnextv2_tiny``, ``convnextv2_base``. ``width_multiplier`` scales the ResNet base width
     (64) and the ConvNeXt dims (rounded, at least 1). ``stem`` (``"standard"``/``"iai"``),
-    ``bn_axis_name``, ``bn_momentum`` and ``zero_init_residual`` apply to ResNets;
+    ``bn_axis_name`` and ``bn_momentum`` apply to ResNets;
     ``drop_path_rate`` to ConvNeXts (which have no BatchNorm and only their patchify stem, so
     ``stem="iai"`` or ``drop_path_rate > 0`` with the other family raises ``ValueError``).
     ``remat`` recomputes each block in the backward pass (less activation memory).
@@ -64,7 +63,6 @@ def build_encoder(
             dtype=dtype,
             bn_axis_name=bn_axis_name,
             bn_momentum=bn_momentum,
-            zero_init_residual=zero_init_residual,
             remat=remat,
         )
     if name in CONVNEXT_NAMES:
