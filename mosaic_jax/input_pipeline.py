@@ -37,7 +37,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 from etils import epath
 
 from mosaic_jax import bands as bands_lib
@@ -253,8 +255,6 @@ def subset_mask(patch_ids: Sequence[str], fraction: float, seed: int) -> np.ndar
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if process_count < 1 or not 0 <= process_index < process_count:
@@ -485,8 +485,6 @@ def make_train_dataset(
         _TrainBatch(source, order, kept, labelled, norm, global_batch_size, b, p)
     )
     if worker_count > 0:
-        from absl import flags
-
         # Grain's worker processes read absl flags; outside an absl app nobody parses them.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
