@@ -233,6 +233,8 @@ def batch_script(args: argparse.Namespace) -> str:
         '  status=0; wait "$srun_pid" || status=$?',
         '  kill -0 "$srun_pid" 2>/dev/null || break',
         "done",
+        "# A wait cut short by the trap says 128+15 even when srun ended meanwhile: ask again.",
+        'if [ "$status" -gt 128 ]; then status=0; wait "$srun_pid" || status=$?; fi',
         'if [ "$requeue" = 1 ]; then',
         '  scontrol requeue "$SLURM_JOB_ID" || true',
         "fi",

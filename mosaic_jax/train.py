@@ -109,9 +109,10 @@ def init_state(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def random_state(config: ml_collections.ConfigDict, *, seed: int = 0, step: int = 0) -> TrainState:
-    """A TrainState of `config`'s model filled with cheap random values (He-scaled kernels,
-    scales and variances in [0.5, 1.5], small offsets) without compiling the initialisers:
-    for benchmarks, exports and tests at sizes whose `init_state` would take long."""
+    """A TrainState of `config`'s model with cheap random parameters and statistics (He-scaled
+    kernels, scales and variances in [0.5, 1.5], small offsets) and a zero optimizer state,
+    without compiling the initialisers: for benchmarks, exports and tests at sizes whose
+    `init_state` would take long."""
     shapes = jax.eval_shape(lambda: init_state(config, create_model(config),
                                                create_optimizer(config)))
     rng = np.random.default_rng(seed)
@@ -125,7 +126,11 @@ def random_state(config: ml_collections.ConfigDict, *, seed: int = 0, step: int 
             return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
         return jnp.asarray(0.1 * rng.normal(size=leaf.shape), leaf.dtype)
 
-    return jax.tree.map_with_path(fill, shapes).replace(step=jnp.asarray(step, jnp.int32))
+    return shapes.replace(
+        step=jnp.asarray(step, jnp.int32), params=jax.tree.map_with_path(fill, shapes.params),
+        batch_stats=jax.tree.map_with_path(fill, shapes.batch_stats),
+        opt_state=jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes.opt_state),
+        rng=jnp.zeros(shapes.rng.shape, shapes.rng.dtype))
 
 
 def adopt_pretrained_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
