@@ -151,13 +151,17 @@ class Sweep:
             except subprocess.TimeoutExpired:
                 status, tail = "timeout", [f"no result within {self.timeout:.0f} s"]
             record = {**key, "part": part, "status": status, "wall_s": round(time.time() - t0)}
+            if status in ("fits", "does not fit") and not os.path.exists(out):
+                status = "error"  # it crashed (status 1) before writing its report
+                tail = proc.stderr.strip().splitlines()[-1:]
+                record["status"] = status
             if status in ("fits", "does not fit"):
                 record.update(summarise(json.loads(Path(out).read_text())))
             else:
                 record["error"] = tail[0] if tail else "unknown"
         self.payload["rows"].append(record)
         write_json(self.output, self.payload)
-        mem = record.get("memory_bytes", {}).get("total")
+        mem = (record.get("memory_bytes") or {}).get("total")
         print(f"{workload} {topology} per-chip {per_chip_batch} remat={remat} "
               f"block={block_size}: {status}"
               + (f", {mem / 1024**3:.2f} GiB per chip" if mem else "")

@@ -10,8 +10,9 @@ What gets a dedicated line:
   the suggestion;
 - a full disk, a read-only file system, a permission error (OSError ENOSPC / EROFS / EACCES / EPERM,
   also when a library re-raised it as text): the line names the path;
-- the errors our own code raises for bad input (FileNotFoundError, ValueError, ...): their
-  message, which already names the file, field or config key.
+- the errors our own code raises for bad input (FileNotFoundError, ValueError, ...) and a
+  diverged training run (FloatingPointError): their message, which already names the file,
+  field, config key or step.
 Anything else is reported as an unexpected error with the hint to rerun with `--verbose`.
 """
 
@@ -119,7 +120,7 @@ def describe(exc: BaseException, argv: Sequence[str] = (),
     if line:
         return line, FAILURE_STATUS
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                        FileExistsError, ValueError)):
+                        FileExistsError, ValueError, FloatingPointError)):
         text = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
         return " ".join(text.split()), FAILURE_STATUS
     message = " ".join(str(exc).split())

@@ -263,7 +263,16 @@ def flops_per_device(compiled: Any) -> float | None:
 
 def _program_report(lowered: Any, hbm: int | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA's compile errors are plain runtime errors
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
+            raise
+        # XLA:TPU refuses a program whose buffers cannot fit the chip: it does not fit.
+        return {"compile_s": round(time.perf_counter() - t0, 1), "memory_bytes": None,
+                "flops_per_chip": None, "collectives": [], "fits": False,
+                "compile_error": message.strip().splitlines()[0][:300]}
     seconds = time.perf_counter() - t0
     memory = memory_report(compiled.memory_analysis())
     return {"compile_s": round(seconds, 1), "memory_bytes": memory,
@@ -341,12 +350,14 @@ def format_report(report: dict[str, Any]) -> str:
     for name in ("train_step", "eval_step"):
         if name not in report:
             continue
-        p, mem = report[name], report[name]["memory_bytes"]
+        p = report[name]
+        mem = p["memory_bytes"] or dict.fromkeys(("arguments", "temporaries", "outputs", "total"))
         batch = report["global_batch"] if name == "train_step" else report["eval_global_batch"]
         flops = p["flops_per_chip"]
+        share = "?" if hbm is None or mem["total"] is None else f"{mem['total'] / hbm:.0%}"
         rows.append((name, str(batch), str(batch // report["chips"]), f"{p['compile_s']:.0f}",
                      _gib(mem["arguments"]), _gib(mem["temporaries"]), _gib(mem["outputs"]),
-                     _gib(mem["total"]), "?" if hbm is None else f"{mem['total'] / hbm:.0%}",
+                     _gib(mem["total"]), share,
                      "?" if flops is None else f"{flops / 1e12:.3f}",
                      {True: "yes", False: "NO", None: "unknown"}[p["fits"]]))
     lines += _table(header, rows)
@@ -356,6 +367,10 @@ def format_report(report: dict[str, Any]) -> str:
             lines += _table(("kind", "purpose", "count", "bytes"),
                             [(c["kind"], c["purpose"], str(c["count"]), _size(c["bytes"]))
                              for c in report[name]["collectives"]])
+    for name in ("train_step", "eval_step"):
+        if name in report and report[name].get("compile_error"):
+            lines += ["", f"{name}: XLA refused to compile it for lack of memory: "
+                      f"{report[name]['compile_error']}"]
     return "\n".join(lines)
 
 

@@ -100,6 +100,22 @@ def test_memory_report_and_fits():
     assert aot.hbm_bytes("Some future chip") is None
 
 
+def test_a_program_xla_refuses_for_memory_does_not_fit_and_other_errors_propagate():
+    class Lowered:
+        def __init__(self, message):
+            self.message = message
+
+        def compile(self):
+            raise RuntimeError(self.message)
+
+    report = aot._program_report(Lowered("RESOURCE_EXHAUSTED: Ran out of memory in memory "
+                                         "space hbm. Used 20.1G of 15.75G hbm."), 16 * 1024**3)
+    assert report["fits"] is False and report["memory_bytes"] is None
+    assert report["compile_error"].startswith("RESOURCE_EXHAUSTED: Ran out of memory")
+    with pytest.raises(RuntimeError, match="INTERNAL: something else"):
+        aot._program_report(Lowered("INTERNAL: something else"), 16 * 1024**3)
+
+
 def test_missing_libtpu_error_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

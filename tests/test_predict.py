@@ -395,7 +395,10 @@ def test_readme_map_a_scene_commands_run_as_written(tmp_path):
                 if c.strip() and not c.startswith("#")]
     assert any("mosaic_jax.predict" in c for c in commands)
     untrained_workdir(model_config("demo"), tmp_path / "runs" / "demo")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE)
+    # `python` in the commands is this interpreter, as in the environment README sets up.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE,
+               PATH=path)
     for command in commands:
         result = subprocess.run(command, shell=True, cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=600)
