@@ -203,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_examples_per_split", type=int, default=None,
                         help="for quick trials: at most this many examples per split")
     parser.add_argument("--skip_checksums", action="store_true",
-                        help="warn instead of failing when a metadata file's md5 is not the "
+                        help="build even when a metadata file's md5 is not the "
                         "official release's (a newer metadata release)")
     parser.add_argument("--overwrite", action="store_true",
                         help="prepare again even if the prepared data exists")

@@ -27,7 +27,8 @@ Builder keyword arguments (`tfds.builder(..., skip_bad_patches=True, num_workers
                        needs the usual `if __name__ == "__main__":` guard.
     skip_checksums     False (default): a metadata parquet file whose md5 differs from the
                        official release's (`METADATA_MD5`) stops the build, naming the file.
-                       True: a warning instead, for a newer metadata release (or a subset).
+                       True: build anyway (logged), for a newer metadata release, a subset
+                       or synthetic data.
 
 A bad patch is one with a missing patch directory or band file, an unreadable TIFF, a band with
 the wrong shape, band count or dtype, non-finite S1 values, or a metadata row with a null field,
@@ -530,7 +531,8 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
             if not self._skip_checksums:
                 raise ValueError(f"{message} (a damaged download? With a newer metadata "
                                  "release, build anyway with --skip_checksums)")
-            logging.warning("%s; building with it anyway (skip_checksums)", message)
+            # Asked for by the caller (a newer metadata release, or synthetic data): no warning.
+            logging.info("%s; building with it anyway (skip_checksums)", message)
 
     def _plan(self, root: Path) -> tuple[dict[str, list[PatchRow]], list[dict[str, Any]]]:
         """Rows per split in metadata order, and the rows already rejected as bad (a bad row's
