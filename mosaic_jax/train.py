@@ -404,7 +404,7 @@ class _Run:
     train_iter: Iterator[dict[str, np.ndarray]]  # a checkpointable Grain iterator
     eval_ds: Any
     manager: Any  # orbax.checkpoint.CheckpointManager
-    writer: Any  # clu.metric_writers.MetricWriter
+    writer: Any  # tensorboard_writer.TensorBoardWriter (clu's writer methods)
     progress: Callable[[int], None]
     preemption: PreemptionWatcher
     class_names: list[str]
@@ -507,14 +507,14 @@ def _restore_or_init(run: _Run) -> tuple[TrainState, int]:
 
 
 def _ensure_finite(run: _Run, step: int, metrics: Mapping[str, Any]) -> None:
-    """`check_finite`, after letting pending checkpoint writes finish."""
-    try:
-        check_finite(step, metrics, run.manager.latest_step(),
-                     checkpoints.checkpoint_dir(run.workdir))
-    except DivergenceError:
-        run.manager.wait_until_finished()
-        run.writer.flush()
-        raise
+    """`check_finite`; on a divergence, pending checkpoint writes finish first, so that the
+    message names the last checkpoint on disk."""
+    if bool(metrics[FINITE_KEY]):
+        return
+    run.manager.wait_until_finished()
+    run.writer.flush()
+    check_finite(step, metrics, run.manager.latest_step(),
+                 checkpoints.checkpoint_dir(run.workdir))
 
 
 def _save(run: _Run, state: TrainState, step: int, *, force: bool = False) -> None:
