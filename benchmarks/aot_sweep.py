@@ -89,7 +89,8 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "compile_s": step["compile_s"], "memory_bytes": step["memory_bytes"],
             "hbm_bytes_per_chip": report["hbm_bytes_per_chip"],
             "flops_per_chip": step["flops_per_chip"], "collective_bytes": by_purpose,
-            "collectives": step["collectives"], "fits": step["fits"]}
+            "collectives": step["collectives"], "fits": step["fits"],
+            **({"compile_error": step["compile_error"]} if step.get("compile_error") else {})}
 
 
 def largest_fitting(fits_at: Callable[[int], bool | None], start: int, resolution: int,
@@ -177,10 +178,12 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [head, "|" + "---|" * 14]
     mib = lambda n: f"{n / 1024**2:.2f} MiB"  # noqa: E731
     for r in payload["rows"]:
-        if "memory_bytes" not in r:
-            lines.append(f"| {r['workload']} | {r['topology']} | | {r['per_chip_batch']} | "
+        if not r.get("memory_bytes"):
+            why = r.get("error") or r.get("compile_error", "")
+            lines.append(f"| {r['workload']} | {r['topology']} | {r.get('chips', '')} | "
+                         f"{r['per_chip_batch']} / {r.get('global_batch', '')} | "
                          f"{r['remat']}, {r['loss_block_size']} | | | | | | | | | "
-                         f"{r['status']}: {r.get('error', '')} |")
+                         f"{r['status']}: {why} |")
             continue
         m, c = r["memory_bytes"], r["collective_bytes"]
         lines.append(
@@ -242,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             write_json(output, sweep.payload)
     rows = [[r["workload"], r["topology"], r["per_chip_batch"], r.get("global_batch", ""),
              r["remat"], r["loss_block_size"], r["status"],
-             f"{r['memory_bytes']['total'] / 1024**3:.2f}" if "memory_bytes" in r else "",
-             f"{(r.get('flops_per_chip') or 0) / 1e12:.2f}" if "memory_bytes" in r else "",
+             f"{r['memory_bytes']['total'] / 1024**3:.2f}" if r.get("memory_bytes") else "",
+             f"{(r.get('flops_per_chip') or 0) / 1e12:.2f}" if r.get("memory_bytes") else "",
              r.get("compile_s", "")] for r in sweep.payload["rows"]]
     print(format_table(["workload", "topology", "per chip", "global", "remat", "block",
                         "status", "GiB/chip", "TFLOP/chip", "compile s"], rows))
