@@ -20,14 +20,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from etils import epath
-from PIL import Image
 from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams as hparams_summary
 
 from data_builders import atomic_files
 
-__all__ = ["TensorBoardWriter", "ReportProgress", "create_writer", "read_png"]
+__all__ = ["TensorBoardWriter", "ReportProgress", "create_writer"]
 
 
 def _as_images(name: str, value: Any) -> np.ndarray:
@@ -115,12 +113,6 @@ def create_writer(workdir: str, *, just_logging: bool = False) -> TensorBoardWri
     """The training loop's writer: events in `workdir`, or only logged scalars when
     `just_logging` (non-chief processes), like `clu.metric_writers.create_default_writer`."""
     return TensorBoardWriter(None if just_logging else workdir)
-
-
-def read_png(path: str) -> np.ndarray:
-    """A PNG file (local path or URL) as [H, W, 3] uint8, for `write_images`."""
-    with epath.Path(path).open("rb") as f:
-        return np.asarray(Image.open(f).convert("RGB"))
 
 
 class ReportProgress:
