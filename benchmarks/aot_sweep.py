@@ -1,6 +1,6 @@
-"""TPU pod readiness from a CPU host: `mosaic_jax.aot` over workloads and slices.
+"""TPU pod readiness from a CPU host: `mosaic_jax.training.aot` over workloads and slices.
 
-Runs `python -m mosaic_jax.aot` (one subprocess, one compile at a time) for:
+Runs `python -m mosaic_jax aot` (one subprocess, one compile at a time) for:
 
 - weak scaling: each workload at a fixed per-chip batch on v5e 2x2, 4x4, 16x16 and v4 2x2x2,
   recording per-chip memory, FLOPs and collective bytes per step as the chip count grows;
@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.common import RESULTS_DIR, format_table, machine_info, write_json  # noqa: E402
 
-# The purposes mosaic_jax.aot gives collectives (not imported: this script needs no jax).
+# The purposes mosaic_jax.training.aot gives collectives (not imported: this script needs no jax).
 LOSS_GATHER = "loss: all-gathered embeddings/labels"
 GRADIENTS = "gradient all-reduce"
 BATCHNORM = "BatchNorm statistics"
@@ -60,12 +60,12 @@ QUICK = {"augment.out_size": 16, "model.width_multiplier": 1 / 32, "model.proj_h
 def aot_command(workload: str, topology: str, per_chip_batch: int, chips: int, *,
                 remat: bool = False, block_size: int = 0, quick: bool = False,
                 output: str) -> list[str]:
-    """argv of one `mosaic_jax.aot` run (bf16, global batch = per-chip batch x chips)."""
+    """argv of one `mosaic_jax.training.aot` run (bf16, global batch = per-chip batch x chips)."""
     config, overrides = WORKLOADS[workload]
     overrides = {**overrides, **(QUICK if quick else {}), "model.dtype": "bfloat16",
                  "batch_size": per_chip_batch * chips, "eval_batch_size": per_chip_batch * chips,
                  "model.remat": remat, "loss.block_size": block_size}
-    return [sys.executable, "-m", "mosaic_jax.aot", f"--config={config}",
+    return [sys.executable, "-m", "mosaic_jax", "aot", f"--config={config}",
             f"--topology={topology}", "--noeval_step", f"--output={output}",
             *(f"--config.{k}={v}" for k, v in overrides.items())]
 

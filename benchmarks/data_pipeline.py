@@ -117,8 +117,8 @@ def bench_host_pipeline(data_dir: str, batch_size: int, num_batches: int,
                         workers: int) -> dict[str, Any]:
     """(b) Host pipeline on the prepared train split: synchronous in this process (per-core
     cost), with 2 prefetch threads, and with `workers` Grain worker processes."""
-    from mosaic_jax import bands
-    from mosaic_jax import input_pipeline as ip
+    from mosaic_jax.data import bands
+    from mosaic_jax.data import input_pipeline as ip
 
     src = ip.open_source("bigearthnet_v2", "train", data_dir)
     n = len(src)
@@ -179,7 +179,7 @@ def bench_augment(batch_sizes: list[int], samples: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from mosaic_jax import augment, bands
+    from mosaic_jax.data import augment, bands
 
     _, sar_std = bands.band_stats("bigearthnet_v2", "s1", "s1")
     cfg = augment.AugmentConfig(out_size=120, sar_std_db=tuple(float(s) for s in sar_std))

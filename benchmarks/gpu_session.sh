@@ -9,7 +9,7 @@
 #                  run(bs, img, dtype, iters) returns {"samples_per_s": ...}; timed on the IaI
 #                  workloads (benchmarks/train_step.py --anchor).
 #   --wheels DIR   wheels to install first, for what the host's Python lacks (ml_collections:
-#                  mosaic_jax.configuration imports it); installed under /tmp/site.
+#                  mosaic_jax.training.configuration imports it); installed under /tmp/site.
 #
 # Results go to $OUT (or benchmarks/results when $OUT is unset): gpu.txt, losses_check.txt,
 # train_step_gpu.json and train_step_gpu_remat.json with their logs.

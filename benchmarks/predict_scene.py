@@ -1,4 +1,4 @@
-"""Scene mapping (`mosaic_jax.predict`) speed, host-time share and peak memory.
+"""Scene mapping (`mosaic_jax.inference.predict`) speed, host-time share and peak memory.
 
 ``python -m benchmarks.predict_scene`` writes synthetic scenes (`data_builders.fake_scene`)
 and exports with **random weights** (speed does not depend on the weights), then maps each
@@ -37,7 +37,7 @@ WORKLOADS = ("resnet50_sub", "demo_full", "demo_sub")
 def untrained_workdir(config: Any, workdir: Path, *, seed: int = 0) -> Path:
     """A training workdir whose one checkpoint (step 1) holds random variables of `config`'s
     model, saved as the training program saves them (no training, no data)."""
-    from mosaic_jax import checkpoints, train
+    from mosaic_jax.training import checkpoints, train
 
     state = train.random_state(config, seed=seed, step=1)
     return Path(checkpoints.write_workdir(workdir, config, state))
@@ -46,10 +46,10 @@ def untrained_workdir(config: Any, workdir: Path, *, seed: int = 0) -> Path:
 def untrained_export(config: Any, workdir: Path, out: Path, *, seed: int = 0,
                      platforms: tuple[str, ...] = ("cpu",)) -> dict[str, Any]:
     """`untrained_workdir`, exported to `out` (`mosaic_jax.export`); returns model.json."""
-    from mosaic_jax import export
+    from mosaic_jax.export import exporter
 
     untrained_workdir(config, workdir, seed=seed)
-    return export.export_workdir(str(workdir), str(out), platforms=platforms)
+    return exporter.export_workdir(str(workdir), str(out), platforms=platforms)
 
 
 def model_config(kind: str) -> Any:
@@ -82,7 +82,7 @@ def prepare(work_dir: Path, model: str, scene: tuple[int, int]) -> tuple[Path, P
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Maps one scene in this process; the summary plus this process's peak RSS."""
-    from mosaic_jax.predict import predict_scene
+    from mosaic_jax.inference.predict import predict_scene
 
     summary = predict_scene(spec["export"], spec["s1"], spec["s2"], spec["output"],
                             stride=spec["stride"], batch_size=spec["batch_size"],

@@ -2,8 +2,9 @@
 
 Random float32 embeddings (``--queries`` x ``--dim`` queries, ``--archive`` x ``--dim``
 archive) and random labels (19 classes, density 0.15) go through
-`mosaic_jax.retrieval.top_k_similar` (exact top-k, k = ``--k``) and
-`mosaic_jax.retrieval.per_query_metrics` at k in {10, 100, 1000}. Reported: the time of each
+`mosaic_jax.evaluation.retrieval.top_k_similar` (exact top-k, k = ``--k``) and
+`mosaic_jax.evaluation.retrieval.per_query_metrics` at k in {10, 100, 1000}. Reported: the
+time of each
 (top-k including compilation), the process's peak resident memory (``ru_maxrss``) and the
 memory the inputs take, against the float32 query x archive matrix the blocked search never
 builds.
@@ -54,7 +55,7 @@ def run(queries: int, archive: int, dim: int, k: int, query_block: int,
         archive_block: int) -> dict:
     import numpy as np
 
-    from mosaic_jax import retrieval
+    from mosaic_jax.evaluation import retrieval
 
     rng = np.random.default_rng(0)
     q = _random(rng, queries, dim)

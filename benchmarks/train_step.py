@@ -1,6 +1,6 @@
 """Throughput of the full train step (augmentation, forward, losses, backward, optimizer).
 
-Times `mosaic_jax.train.make_train_step` on synthetic inputs already on the device, for:
+Times `mosaic_jax.training.train.make_train_step` on synthetic inputs already on the device, for:
 
 - `iai_120`: IaI-SimCLR (configs/iai_simclr.py: two ResNet-18 towers with the iai stem, S1 2 and
   S2 10 channels, three views per sample in one batched forward pass), batch 256, 120 px;
@@ -22,8 +22,8 @@ dtype, for the ratio.
 Usage: python benchmarks/train_step.py [--quick] [--workloads ...] [--dtype bfloat16|float32]
        [--batch B] [--image PX] [--steps N] [--anchor PATH] [--remat] [--compile-only]
        [--profile DIR [--profile-steps N]] [--output PATH]
-Imports jax, flax, optax, numpy and the project's core modules only (mosaic_jax.train imports
-ml_collections for its config type).
+Imports jax, flax, optax, numpy and the project's core modules only
+(mosaic_jax.training.train imports ml_collections for its config type).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def step_flops(compiled: Any) -> float | None:
 
 def build_config(name: str, args: argparse.Namespace):
     """The workload's config from configs/, with the benchmark's sizes and dtype."""
-    from mosaic_jax import configuration
+    from mosaic_jax.training import configuration
 
     module, encoder, image, batch = WORKLOADS[name]
     c = importlib.import_module(f"configs.{module}").get_config()
@@ -115,7 +115,8 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, Any]:
     """Host arrays of one global batch: normalised-looking S1/S2, multi-hot labels, all labelled."""
     import numpy as np
 
-    from mosaic_jax import configuration, models
+    from mosaic_jax import models
+    from mosaic_jax.training import configuration
 
     (h, w, c1), (_, _, c2) = models.input_shapes(config)
     b = config.batch_size
@@ -135,7 +136,8 @@ def bench_workload(name: str, args: argparse.Namespace, peak: float | None) -> d
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from mosaic_jax import models, train
+    from mosaic_jax import models
+    from mosaic_jax.training import train
 
     config = build_config(name, args)
     module = WORKLOADS[name][0]

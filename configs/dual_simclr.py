@@ -4,7 +4,7 @@ Usage: python -m mosaic_jax.main --config=configs/dual_simclr.py[:ARGS] --workdi
 ARGS, comma-separated: `demo` (synthetic data, tiny model, minutes on a CPU), `sen12ms`.
 """
 
-from mosaic_jax import configuration
+from mosaic_jax.training import configuration
 
 
 def get_config(arg: str | None = None):

@@ -6,7 +6,7 @@ The model architecture is taken from the pretraining run's config.json; the clas
 ARGS, comma-separated: `demo` (synthetic data, tiny sizes), `sen12ms` (the SEN12MS dataset).
 """
 
-from mosaic_jax import configuration
+from mosaic_jax.training import configuration
 
 
 def get_config(arg: str | None = None):

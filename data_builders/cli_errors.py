@@ -82,7 +82,7 @@ def _config_key_error(exc: BaseException, argv: Sequence[str]) -> str | None:
     line = f"unknown config key in {name} ('{wrong}' is not a key of the config)"
     if match:
         line += f"; did you mean '{match.group(1)}'?"
-    return line + " Every key and its default: mosaic_jax/configuration.py base_config()."
+    return line + " Every key and its default: mosaic_jax/training/configuration.py base_config()."
 
 
 def _os_error(exc: BaseException, paths: Sequence[str]) -> str | None:

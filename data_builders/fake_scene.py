@@ -1,4 +1,4 @@
-"""A synthetic Sentinel-1/Sentinel-2 scene pair for `mosaic_jax.predict`, built from fake
+"""A synthetic Sentinel-1/Sentinel-2 scene pair for `mosaic_jax.inference.predict`, built from fake
 BigEarthNet v2 patches.
 
 ``python -m data_builders.fake_scene --s1 s1.tif --s2 s2.tif [--height 1200 --width 1800]

@@ -8,7 +8,7 @@ the labelled subsets are chosen by a hash of each patch id, so a smaller fractio
 patches are part of every larger one's. `--key train_fraction` sweeps the training subset
 instead (fewer patches, all labelled). A workdir that already holds evaluation metrics
 (`metrics_*.json`) is skipped, so an interrupted sweep continues where it stopped; the first
-failing run stops the sweep. Then `python -m mosaic_jax.report --workdirs ROOT/* --output DIR`
+failing run stops the sweep. Then `python -m mosaic_jax report --workdirs ROOT/* --output DIR`
 draws the label-efficiency curve. Standard library only.
 
 Example (the demo data, three fractions; `--dry-run` prints the commands only):
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     if not args.dry_run:
         report = shlex.quote(args.root.rstrip("/") + "_report")
-        print(f"Done. The curve: python -m mosaic_jax.report --workdirs "
+        print(f"Done. The curve: python -m mosaic_jax report --workdirs "
               f"{shlex.quote(args.root)}/* --output {report}")
     return 0
 

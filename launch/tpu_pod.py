@@ -6,7 +6,7 @@ this checkout, or a `git clone` of --repo), install it into a virtual environmen
 worker, start `python -m mosaic_jax.main ... --multiprocess` on all workers at once, and
 optionally delete the TPU afterwards. --dry-run prints the commands, one per line, and runs
 nothing. --aot_check=TOPOLOGY first compiles the run for that TPU topology on this machine
-(`python -m mosaic_jax.aot`, which needs jax[tpu] here) and stops, before anything is created,
+(`python -m mosaic_jax aot`, which needs jax[tpu] here) and stops, before anything is created,
 when it does not fit. Standard library only.
 
 Example:
@@ -393,14 +393,14 @@ def launch(launcher: Launcher) -> None:
 
 
 def aot_check_command(args: argparse.Namespace) -> list[str]:
-    """argv of the local ahead-of-time check (`python -m mosaic_jax.aot`) of the run."""
-    return [sys.executable, "-m", "mosaic_jax.aot", f"--config={args.config}",
+    """argv of the local ahead-of-time check (`python -m mosaic_jax aot`) of the run."""
+    return [sys.executable, "-m", "mosaic_jax", "aot", f"--config={args.config}",
             f"--topology={args.aot_check}", *args.override]
 
 
 def aot_check(args: argparse.Namespace) -> None:
     """Compiles the run for `--aot_check`'s topology on this machine; LaunchError unless the
-    steps fit (exit status 1 of mosaic_jax.aot) or compile at all (any other status)."""
+    steps fit (exit status 1 of mosaic_jax.training.aot) or compile at all (any other status)."""
     argv = aot_check_command(args)
     root = args.repo if not args.git_url else str(REPO_ROOT)
     print("+ " + shlex.join(argv), file=sys.stderr, flush=True)

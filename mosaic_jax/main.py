@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_builders import cli_errors, console
-from mosaic_jax import distributed, train
+from mosaic_jax.training import distributed, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",

@@ -93,7 +93,7 @@ def prepared_fake(tmp_path_factory):
 def trained_workdir(prepared_fake, tmp_path_factory):
     """(workdir, final metrics) of one uninterrupted `program_config` run, shared by the
     training, export, embedding and report tests."""
-    from mosaic_jax import train
+    from mosaic_jax.training import train
 
     workdir = str(tmp_path_factory.mktemp("trained") / "mosaic1_run")
     return workdir, train.train_and_evaluate(program_config(prepared_fake), workdir)
@@ -101,9 +101,9 @@ def trained_workdir(prepared_fake, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported_dir(trained_workdir, tmp_path_factory):
-    """`export.export_workdir` of the trained workdir (latest step, default platforms)."""
-    from mosaic_jax import export
+    """`exporter.export_workdir` of the trained workdir (latest step, default platforms)."""
+    from mosaic_jax.export import exporter
 
     out = str(tmp_path_factory.mktemp("export_out") / "export")
-    export.export_workdir(trained_workdir[0], out)
+    exporter.export_workdir(trained_workdir[0], out)
     return out

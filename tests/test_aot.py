@@ -1,5 +1,5 @@
 # ruff: noqa: E501 - the HLO excerpt keeps the long lines of XLA's text format
-"""mosaic_jax.aot: HLO collective parsing, the fits decision, the libtpu error (quick); a tiny
+"""mosaic_jax.training.aot: HLO collective parsing, the fits decision, the libtpu error (quick); a tiny
 config compiled for v5e:2x2, the CLI and the TPU launcher's --aot_check (slow, with libtpu)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from conftest import hide_packages_source, tiny
 
 from benchmarks import aot_sweep
 from benchmarks.aot_sweep import aot_command, chips_of, largest_fitting
-from mosaic_jax import aot
+from mosaic_jax.training import aot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -148,10 +148,10 @@ def test_largest_fitting_doubles_then_bisects():
 def test_sweep_command_is_weak_scaling():
     argv = aot_command("iai_256", "v5e:4x4", 64, chips_of("v5e:4x4"), output="r.json")
     assert chips_of("v5e:4x4") == 16 and chips_of("v4:2x2x2") == 8
-    assert argv[1:3] == ["-m", "mosaic_jax.aot"]
+    assert argv[1:3] == ["-m", "mosaic_jax", "aot"]
     assert "--config.batch_size=1024" in argv and "--config.augment.out_size=256" in argv
     assert "--config.model.dtype=bfloat16" in argv and "--topology=v5e:4x4" in argv
-    # The sweep (no jax) names the purposes as mosaic_jax.aot does.
+    # The sweep (no jax) names the purposes as mosaic_jax.training.aot does.
     assert (aot_sweep.LOSS_GATHER, aot_sweep.GRADIENTS, aot_sweep.BATCHNORM) == \
         (aot.LOSS_GATHER, aot.GRADIENTS, aot.BATCHNORM)
 
@@ -202,7 +202,7 @@ TINY_OVERRIDES = ["--config.batch_size=16", "--config.eval_batch_size=16",
 @needs_libtpu
 def test_cli_writes_json_and_rejects_indivisible_batch(tmp_path):
     out = tmp_path / "aot.json"
-    run = subprocess.run([sys.executable, "-m", "mosaic_jax.aot",
+    run = subprocess.run([sys.executable, "-m", "mosaic_jax", "aot",
                           "--config=configs/mosaic1.py", "--topology=v5e:2x2", "--noeval_step",
                           f"--output={out}", *TINY_OVERRIDES], cwd=REPO, capture_output=True,
                          text=True, timeout=900)
@@ -210,7 +210,7 @@ def test_cli_writes_json_and_rejects_indivisible_batch(tmp_path):
     report = json.loads(out.read_text())
     assert report["fits"] is True and report["chips"] == 4 and "eval_step" not in report
     assert "| train_step" in run.stdout
-    bad = subprocess.run([sys.executable, "-m", "mosaic_jax.aot",
+    bad = subprocess.run([sys.executable, "-m", "mosaic_jax", "aot",
                           "--config=configs/mosaic1.py", "--topology=v5e:2x2",
                           *TINY_OVERRIDES, "--config.batch_size=18"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
@@ -227,7 +227,7 @@ def _hide_libtpu(tmp_path):
 
 @pytest.mark.slow
 def test_cli_without_libtpu_fails_with_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "mosaic_jax.aot", "--config=configs/mosaic1.py",
+    run = subprocess.run([sys.executable, "-m", "mosaic_jax", "aot", "--config=configs/mosaic1.py",
                           "--topology=v5e:2x2"], cwd=REPO, capture_output=True, text=True,
                          env=_hide_libtpu(tmp_path), timeout=300)
     assert run.returncode == 2
@@ -246,7 +246,7 @@ def test_tpu_launcher_aot_check_then_dry_run():
                           *(f"--override={o.removeprefix('--config.')}" for o in TINY_OVERRIDES)],
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "mosaic_jax.aot" in run.stderr and "| train_step" in run.stderr
+    assert "mosaic_jax.training.aot" in run.stderr and "| train_step" in run.stderr
     assert run.stdout.splitlines()[0].startswith("gcloud compute tpus tpu-vm create")
 
 

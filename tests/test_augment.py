@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mosaic_jax import augment as A
+from mosaic_jax.data import augment as A
 
 H = 16
 NOPHOTO = dict(brightness=0.0, contrast=0.0, sar_noise_db=0.0, sar_offset_db=0.0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from mosaic_jax import convnext_timm
+from mosaic_jax.export import timm_convnext
 from mosaic_jax.models.convnext import VARIANTS, ConvNeXtV2
 from mosaic_jax.models.towers import build_encoder
 
@@ -112,12 +112,12 @@ def timm_convnext_features(sd, x, depths):
                                                  ("convnextv2_tiny", 1 / 16, False)])
 def test_names_shapes_and_forward_equal_timm(name, width, conv_mlp):
     variant = name.removeprefix("convnextv2_")
-    assert (variant in convnext_timm.CONV_MLP_VARIANTS) == conv_mlp
+    assert (variant in timm_convnext.CONV_MLP_VARIANTS) == conv_mlp
     model = build_encoder(name, width_multiplier=width)
     depths, dims = model.depths, model.dims
     params = random_params(model, 3, 32, seed=1)
     classifier = {"kernel": np.ones((dims[-1], 5)), "bias": np.arange(5.0)}
-    sd = convnext_timm.timm_state_dict(params, conv_mlp=conv_mlp, classifier=classifier)
+    sd = timm_convnext.timm_state_dict(params, conv_mlp=conv_mlp, classifier=classifier)
     want = expected_timm_shapes(depths, dims, 3, conv_mlp=conv_mlp, num_classes=5)
     assert {k: v.shape for k, v in sd.items()} == want
     assert all(v.dtype == np.float32 and v.flags.c_contiguous for v in sd.values())
@@ -132,16 +132,16 @@ def test_names_shapes_and_forward_equal_timm(name, width, conv_mlp):
 
 def test_create_model_call_names_dims_only_when_scaled():
     tiny = VARIANTS["tiny"][1]
-    assert convnext_timm.timm_create_model_call("convnextv2_tiny", 12, 0, tiny) == (
+    assert timm_convnext.timm_create_model_call("convnextv2_tiny", 12, 0, tiny) == (
         "timm.create_model('convnextv2_tiny', pretrained=False, in_chans=12, num_classes=0)")
-    assert convnext_timm.timm_create_model_call("convnextv2_atto", 2, 19, (5, 10, 20, 40)) == (
+    assert timm_convnext.timm_create_model_call("convnextv2_atto", 2, 19, (5, 10, 20, 40)) == (
         "timm.create_model('convnextv2_atto', pretrained=False, in_chans=2, num_classes=19, "
         "dims=(5, 10, 20, 40))")
 
 
 def test_a_resnet_parameter_is_rejected_by_name():
     with pytest.raises(ValueError, match="not a timm ConvNeXt-V2 parameter: layer1_0/conv1"):
-        convnext_timm.timm_state_dict({"layer1_0": {"conv1": {"kernel": np.zeros((3, 3, 4, 4))}}},
+        timm_convnext.timm_state_dict({"layer1_0": {"conv1": {"kernel": np.zeros((3, 3, 4, 4))}}},
                                       conv_mlp=False)
 
 
@@ -153,8 +153,8 @@ def test_timm_loads_the_state_dict_and_gives_the_same_features():
 
     model = ConvNeXtV2(depths=VARIANTS["atto"][0], dims=(8, 16, 24, 32))
     params = random_params(model, 4, 32, seed=3)
-    sd = convnext_timm.timm_state_dict(params, conv_mlp=True)
-    call = convnext_timm.timm_create_model_call("convnextv2_atto", 4, 0, (8, 16, 24, 32))
+    sd = timm_convnext.timm_state_dict(params, conv_mlp=True)
+    call = timm_convnext.timm_create_model_call("convnextv2_atto", 4, 0, (8, 16, 24, 32))
     net = eval(call, {"timm": timm})
     net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
     net.eval()

@@ -55,7 +55,7 @@ def test_tfrecord_preparation_loads_with_tfds_load_and_equals_array_record(prepa
     import tensorflow_datasets as tfds
 
     from data_builders import prepare
-    from mosaic_jax import input_pipeline
+    from mosaic_jax.data import input_pipeline
 
     raw = pathlib.Path(prepared_fake).parent / "raw"  # what prepared_fake was prepared from
     data_dir = str(tmp_path / "tfds_tfrecord")

@@ -6,8 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from mosaic_jax import bands, embed, export, input_pipeline
-from mosaic_jax.metrics import multilabel_metrics
+from mosaic_jax import export
+from mosaic_jax.data import bands, input_pipeline
+from mosaic_jax.evaluation.metrics import multilabel_metrics
+from mosaic_jax.inference import embed
 
 pytestmark = pytest.mark.slow  # the integration tier: whole-program runs
 

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE
 
-from mosaic_jax import augment, bands, checkpoints, export, models, train
+from mosaic_jax import export, models
+from mosaic_jax.data import augment, bands
+from mosaic_jax.export import exporter, torchvision_resnet
+from mosaic_jax.training import checkpoints, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -206,7 +209,7 @@ np.savez(sys.argv[3], **{k: np.asarray(v) for k, v in out.items()})
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in (
     "flax", "orbax", "optax", "ml_collections", "tensorflow", "tensorflow_datasets", "grain",
     "safetensors", "clu", "sklearn", "matplotlib")
-    or m in ("mosaic_jax.train", "mosaic_jax.models"))
+    or m in ("mosaic_jax.training.train", "mosaic_jax.models"))
 print("HEAVY", heavy)
 """
 
@@ -300,7 +303,7 @@ def test_resnet50_standard_stem_and_classifier_match_the_numpy_reference(tmp_pat
     ref = np.asarray(jax.jit(lambda v, a: model.apply(v, a, train=False))(variables, x))
     classifier = {"kernel": rng.normal(size=(ref.shape[1], 5)).astype(np.float32),
                   "bias": rng.normal(size=5).astype(np.float32)}
-    sd = export.resnet_state_dict(variables["params"], variables["batch_stats"],
+    sd = torchvision_resnet.resnet_state_dict(variables["params"], variables["batch_stats"],
                                   num_batches_tracked=11, classifier=classifier)
     path = str(tmp_path / "r50.safetensors")
     safetensors.numpy.save_file(sd, path)
@@ -317,7 +320,7 @@ def test_resnet50_standard_stem_and_classifier_match_the_numpy_reference(tmp_pat
 
 def test_resnet_state_dict_rejects_other_encoders():
     with pytest.raises(ValueError, match="not a torchvision ResNet parameter"):
-        export.resnet_state_dict({"stem_norm": {"gamma": np.ones(3)}}, {})
+        torchvision_resnet.resnet_state_dict({"stem_norm": {"gamma": np.ones(3)}}, {})
 
 
 @pytest.mark.slow
@@ -326,9 +329,9 @@ def test_export_of_a_workdir_without_checkpoint_names_it(workdir, tmp_path, caps
     empty.mkdir()
     (empty / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
     with pytest.raises(FileNotFoundError, match=f"workdir '{empty}' has no checkpoint"):
-        export.export_workdir(str(empty), str(tmp_path / "out"))
+        exporter.export_workdir(str(empty), str(tmp_path / "out"))
     with pytest.raises(SystemExit) as e:
-        export.main(["--workdir", str(empty), "--output", str(tmp_path / "out")])
+        exporter.main(["--workdir", str(empty), "--output", str(tmp_path / "out")])
     assert e.value.code == 2 and str(empty) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -338,16 +341,16 @@ def test_export_of_a_workdir_without_checkpoint_names_it(workdir, tmp_path, caps
 @pytest.mark.slow
 def test_export_replaces_a_previous_export_but_no_other_folder(workdir, tmp_path):
     target = tmp_path / "exp"
-    export.export_workdir(workdir, str(target), step=3, platforms=("cpu",))
+    exporter.export_workdir(workdir, str(target), step=3, platforms=("cpu",))
     assert export.load_model_info(target)["source"]["step"] == 3
-    export.export_workdir(workdir, str(target), platforms=("cpu",))
+    exporter.export_workdir(workdir, str(target), platforms=("cpu",))
     assert export.load_model_info(target)["source"]["step"] == 6
     assert sorted(os.listdir(tmp_path)) == ["exp"]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a previous export"):
-        export.export_workdir(workdir, str(foreign))
+        exporter.export_workdir(workdir, str(foreign))
     assert os.listdir(foreign) == ["notes.txt"]
 
 
@@ -396,7 +399,7 @@ def _export_untrained_supervised(tmp_path, arg, width):
     config.model.proj_dim = 8
     workdir = _untrained_workdir(tmp_path / "run", config)
     out = str(tmp_path / "export")
-    return workdir, out, export.export_workdir(workdir, out, platforms=("cpu",))
+    return workdir, out, exporter.export_workdir(workdir, out, platforms=("cpu",))
 
 
 @pytest.mark.slow
@@ -439,7 +442,7 @@ def test_convnext_export_has_the_embedder_params_and_timm_named_safetensors(tmp_
     import safetensors.numpy
     from flax import serialization
 
-    from mosaic_jax import convnext_timm
+    from mosaic_jax.export import timm_convnext
 
     workdir, out, info = _export_untrained_supervised(tmp_path, "demo,convnext", 1 / 32)
     assert sorted(os.listdir(out)) == sorted(
@@ -453,7 +456,7 @@ def test_convnext_export_has_the_embedder_params_and_timm_named_safetensors(tmp_
         "dims=(4, 8, 16, 32))")
     tensors = safetensors.numpy.load_file(os.path.join(out, "encoder.safetensors"))
     run = checkpoints.restore_variables(workdir)
-    want = convnext_timm.timm_state_dict(run.variables["params"]["enc"], conv_mlp=False,
+    want = timm_convnext.timm_state_dict(run.variables["params"]["enc"], conv_mlp=False,
                                          classifier=run.variables["params"]["classifier"])
     assert sorted(tensors) == sorted(want)
     for k, v in want.items():
@@ -509,13 +512,13 @@ def test_export_and_loader_refuse_non_finite_parameters(tmp_path, monkeypatch, c
     workdir = _untrained_workdir(tmp_path / "run", config, poison="bias")
     with pytest.raises(ValueError, match=r"checkpoint step 5 of .*run holds non-finite values "
                        r"in 1 of \d+ arrays .*diverged"):
-        export.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
+        exporter.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
     with pytest.raises(SystemExit) as e:
-        export.main(["--workdir", workdir, "--output", str(tmp_path / "out")])
+        exporter.main(["--workdir", workdir, "--output", str(tmp_path / "out")])
     assert e.value.code == 2 and "non-finite" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     # An export written before this check (or by hand) is refused when loaded.
     monkeypatch.setattr(checkpoints, "require_finite", lambda run: None)
-    export.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
+    exporter.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
     with pytest.raises(ValueError, match="non-finite .*diverged"):
         export.load_embedder(tmp_path / "out")

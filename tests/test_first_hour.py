@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from data_builders import cli_errors, console
-from mosaic_jax import checkpoints, configuration, demo_data, report
+from mosaic_jax.data import demo_data
+from mosaic_jax.evaluation import report
+from mosaic_jax.training import checkpoints, configuration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -209,7 +211,7 @@ def test_demo_cache_location_and_key(monkeypatch, tmp_path):
 
 _PREPARE = """
 import sys
-from mosaic_jax.demo_data import demo_data_dir
+from mosaic_jax.data.demo_data import demo_data_dir
 print("DATA_DIR", demo_data_dir("", num_patches=40, seed=3), flush=True)
 """
 
@@ -242,7 +244,7 @@ def test_two_demo_runs_at_once_write_the_data_once(tmp_path):
 
 
 def _metrics(seed):
-    from mosaic_jax.metrics import multilabel_metrics
+    from mosaic_jax.evaluation.metrics import multilabel_metrics
 
     rng = np.random.default_rng(seed)
     labels = rng.random((30, 19)) < 0.3
@@ -285,7 +287,7 @@ def test_report_names_downstream_runs_and_marks_untrained_classifiers(tmp_path):
 def test_tsne_palette_tells_neighbouring_classes_apart():
     from matplotlib.colors import to_rgb
 
-    from mosaic_jax.tsne_plot import KELLY_COLORS, _class_colors
+    from mosaic_jax.evaluation.tsne_plot import KELLY_COLORS, _class_colors
 
     colors = _class_colors(19)[:, :3]
     assert np.allclose(colors, [to_rgb(c) for c in KELLY_COLORS[:19]])
@@ -295,7 +297,7 @@ def test_tsne_palette_tells_neighbouring_classes_apart():
 
 
 def test_tsne_returns_the_picture_for_tensorboard(tmp_path):
-    from mosaic_jax.tsne_plot import plot_tsne
+    from mosaic_jax.evaluation.tsne_plot import plot_tsne
 
     rng = np.random.default_rng(0)
     labels = rng.random((60, 4)) < 0.4
@@ -338,7 +340,8 @@ def test_console_filter_drops_library_chatter_only():
     assert not console.is_noise(_record(logging.WARNING, f"{site}/orbax/checkpoint/x.py", "w"))
     assert not console.is_noise(_record(logging.INFO, f"{site}/clu/metric_writers/x.py",
                                         "[20] train/loss=1"))
-    assert not console.is_noise(_record(logging.INFO, "/repo/mosaic_jax/train.py", "Resumed"))
+    assert not console.is_noise(
+        _record(logging.INFO, "/repo/mosaic_jax/training/train.py", "Resumed"))
 
 
 def test_quiet_console_filters_jax_own_logger(caplog):

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from mosaic_jax import bands
-from mosaic_jax import input_pipeline as ip
+from mosaic_jax.data import bands
+from mosaic_jax.data import input_pipeline as ip
 
 BEN, SEN = "bigearthnet_v2", "sen12ms"
 SIZE = 16

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from launch import label_sweep
-from mosaic_jax import label_efficiency, report, retrieval
+from mosaic_jax.evaluation import label_efficiency, report, retrieval
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
-"""Tests of mosaic_jax.metrics and mosaic_jax.tsne_plot against independent loop references."""
+"""Tests of mosaic_jax.evaluation.metrics and mosaic_jax.evaluation.tsne_plot against independent
+loop references."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from mosaic_jax.metrics import (
+from mosaic_jax.evaluation.metrics import (
     average_precision_per_class,
     format_metrics_markdown,
     multilabel_metrics,
@@ -225,7 +226,7 @@ def test_markdown_contains_numbers():
 def test_plot_tsne_writes_png(tmp_path, n):
     pytest.importorskip("sklearn")
     mpimg = pytest.importorskip("matplotlib.image")
-    from mosaic_jax.tsne_plot import plot_tsne
+    from mosaic_jax.evaluation.tsne_plot import plot_tsne
 
     rng = np.random.default_rng(n)
     labels = rng.random((n, 4)) < 0.3
@@ -240,7 +241,7 @@ def test_plot_tsne_writes_png(tmp_path, n):
 
 
 def test_dominant_label():
-    from mosaic_jax.tsne_plot import dominant_label
+    from mosaic_jax.evaluation.tsne_plot import dominant_label
 
     labels = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 1]], bool)
     # Frequencies: class 0 -> 2, class 1 -> 2, class 2 -> 2; ties go to the lower index.

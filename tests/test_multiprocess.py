@@ -60,7 +60,7 @@ def _finish(proc, timeout=600):
 
 
 def _params(workdir, step=STEPS):
-    from mosaic_jax import checkpoints
+    from mosaic_jax.training import checkpoints
 
     # Restored onto one local device, whatever topology wrote the checkpoint.
     variables = checkpoints.restore_variables(workdir, step).variables

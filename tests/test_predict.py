@@ -16,7 +16,10 @@ import pytest
 from conftest import FAST_COMPILE
 from test_remote_paths import BUCKET, bucket  # noqa: F401  (the fake gs:// fixture)
 
-from mosaic_jax import bands, export, predict, scene_windows
+from mosaic_jax import export
+from mosaic_jax.data import bands
+from mosaic_jax.export import exporter
+from mosaic_jax.inference import predict, scene_windows
 
 rasterio = pytest.importorskip("rasterio")
 
@@ -356,7 +359,7 @@ def test_bad_inputs_are_refused_with_the_file_named(tiny, scenes, tmp_path):
 
 def test_a_diverged_export_is_refused(tmp_path, scenes, monkeypatch):
     # An export of non-finite parameters (exported before export refused them) maps nothing.
-    from mosaic_jax import checkpoints, train
+    from mosaic_jax.training import checkpoints, train
 
     config = model_config("tiny")
     state = train.random_state(config, step=1)
@@ -364,7 +367,7 @@ def test_a_diverged_export_is_refused(tmp_path, scenes, monkeypatch):
     params["classifier"]["bias"][0] = np.nan
     workdir = checkpoints.write_workdir(tmp_path / "run", config, state.replace(params=params))
     monkeypatch.setattr(checkpoints, "require_finite", lambda run: None)
-    export.export_workdir(workdir, str(tmp_path / "broken"), platforms=("cpu",))
+    exporter.export_workdir(workdir, str(tmp_path / "broken"), platforms=("cpu",))
     s1, s2 = scenes["grid"]
     with pytest.raises(ValueError, match="non-finite probs .*diverged"):
         predict.predict_scene(str(tmp_path / "broken"), s1, s2, str(tmp_path / "x.tif"),
@@ -393,7 +396,7 @@ def test_readme_map_a_scene_commands_run_as_written(tmp_path):
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
     commands = [c for c in block.replace("\\\n", " ").splitlines()
                 if c.strip() and not c.startswith("#")]
-    assert any("mosaic_jax.predict" in c for c in commands)
+    assert any("mosaic_jax.inference.predict" in c for c in commands)
     untrained_workdir(model_config("demo"), tmp_path / "runs" / "demo")
     # `python` in the commands is this interpreter, as in the environment README sets up.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])

@@ -18,8 +18,8 @@ import pytest
 from etils.epath import backend as backend_lib
 from etils.epath import gpath, register
 
-from mosaic_jax import checkpoints
-from mosaic_jax import input_pipeline as ip
+from mosaic_jax.data import input_pipeline as ip
+from mosaic_jax.training import checkpoints
 
 BUCKET = "gs://bucket"
 
@@ -196,8 +196,8 @@ def test_open_source_on_remote_data_dir(bucket):
 @pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
 def test_eval_outputs_accumulate(bucket, tmp_path, remote):
     from data_builders import atomic_files
-    from mosaic_jax import train
-    from mosaic_jax.metrics import multilabel_metrics
+    from mosaic_jax.evaluation.metrics import multilabel_metrics
+    from mosaic_jax.training import train
 
     if remote:
         workdir, folder = f"{BUCKET}/runs/x", os.path.join(bucket, "runs", "x")

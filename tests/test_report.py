@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from mosaic_jax import report
-from mosaic_jax.metrics import multilabel_metrics
+from mosaic_jax.evaluation import report
+from mosaic_jax.evaluation.metrics import multilabel_metrics
 
 pytestmark = pytest.mark.slow  # the integration tier: whole-program runs
 

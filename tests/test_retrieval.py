@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mosaic_jax import retrieval
+from mosaic_jax.evaluation import retrieval
 
 
 def _unit(x):

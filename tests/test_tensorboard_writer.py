@@ -1,5 +1,5 @@
-"""TensorBoard events without TensorFlow: what `mosaic_jax.tensorboard_writer` writes is read
-back by TensorBoard's own event reader (tensorboard package, no TensorFlow), and a demo run
+"""TensorBoard events without TensorFlow: what `mosaic_jax.training.tensorboard_writer` writes is
+read back by TensorBoard's own event reader (tensorboard package, no TensorFlow), and a demo run
 imports no TensorFlow module."""
 
 import io
@@ -14,7 +14,7 @@ import pytest
 from conftest import hide_packages_source
 from PIL import Image
 
-from mosaic_jax import tensorboard_writer
+from mosaic_jax.training import tensorboard_writer
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

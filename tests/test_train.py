@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import program_config, tiny
 
-from mosaic_jax import checkpoints, configuration, models, train
+from mosaic_jax import models
+from mosaic_jax.training import checkpoints, configuration, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
@@ -88,7 +89,8 @@ def test_step_on_eight_devices_matches_one_device():
 
 def test_third_view_feeds_the_inter_term_and_matches_an_independent_forward():
     # IaI-SimCLR as published: intra terms on views a and b, the inter term on a third view.
-    from mosaic_jax import augment, losses
+    from mosaic_jax import losses
+    from mosaic_jax.data import augment
 
     config = tiny(load_config("iai_simclr"))
     assert config.loss.inter_view == "third"

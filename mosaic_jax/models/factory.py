@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from data_builders import datasets
-from mosaic_jax import bands
+from mosaic_jax.data import bands
 from mosaic_jax.models.towers import SingleTower, TwoTower
 
 DATA_AXIS = "data"  # the mesh axis of the batch; BatchNorm averages over it in training

@@ -3,11 +3,11 @@
 With `libtpu` installed, XLA compiles for a TPU topology described by name (`v5e:16x16`) on any
 host. `compile_for_topology` builds the abstract train state and a global batch with the run's
 real shardings (a `data` mesh over the topology's devices; no array is allocated), compiles the
-train step and the eval step of `mosaic_jax.train` for it, and reports per chip: memory
+train step and the eval step of `mosaic_jax.training.train` for it, and reports per chip: memory
 (arguments, temporaries, outputs, from XLA's memory analysis) against the chip's HBM, FLOPs
 (XLA's cost analysis), and the collectives of the optimised HLO with their bytes per step.
 
-    python -m mosaic_jax.aot --config=configs/mosaic1.py --topology=v5e:16x16 \
+    python -m mosaic_jax aot --config=configs/mosaic1.py --topology=v5e:16x16 \
         [--config.batch_size=4096] [--output=aot.json]
 
 prints a table, writes the report as JSON with --output, and exits with status 1 when the step
@@ -36,8 +36,9 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from data_builders import atomic_files
-from mosaic_jax import configuration, models, train
-from mosaic_jax.configuration import validate_config
+from mosaic_jax import models
+from mosaic_jax.training import configuration, train
+from mosaic_jax.training.configuration import validate_config
 
 GIB = 1024**3
 

@@ -1,5 +1,5 @@
-"""The pure core of scene mapping (`mosaic_jax.predict`): window grid, nodata masking, input
-normalisation and the blending of overlapping window predictions. Arrays in, arrays out.
+"""The pure core of scene mapping (`mosaic_jax.inference.predict`): window grid, nodata masking,
+input normalisation and the blending of overlapping window predictions. Arrays in, arrays out.
 
 Geometry along one axis of a scene of ``length`` pixels, windows of ``size`` pixels every
 ``stride`` pixels (``stride <= size <= length``):

@@ -1,6 +1,6 @@
 """A workdir's checkpoints and config: written by training, read by every other tool.
 
-A workdir written by `mosaic_jax.train.train_and_evaluate` holds ``config.json`` and
+A workdir written by `mosaic_jax.training.train.train_and_evaluate` holds ``config.json`` and
 ``checkpoints/<step>/`` with two Orbax items: ``state`` (a ``StandardSave`` of ``TrainState``)
 and ``data`` (the input iterator's JSON state). Steps are listed by Orbax's own
 ``CheckpointManager`` (``all_steps`` / ``latest_step``), which knows which step folders are
@@ -32,7 +32,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from data_builders import atomic_files
-from mosaic_jax import configuration, objectives
+from mosaic_jax import objectives
+from mosaic_jax.training import configuration
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"

@@ -1,7 +1,7 @@
 """Host input pipeline on Grain: read prepared TFDS examples, normalise, batch, shard.
 
 The host only decodes, selects and normalises bands and batches (augmentation runs on the
-accelerator, see `mosaic_jax.augment`). Sources are random-access (``len`` and ``__getitem__``
+accelerator, see `mosaic_jax.data.augment`). Sources are random-access (``len`` and ``__getitem__``
 returning a dict of numpy arrays), e.g. the TFDS array_record data source from `open_source`, or
 a plain list of such dicts in tests.
 
@@ -42,7 +42,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from mosaic_jax import bands as bands_lib
+from mosaic_jax.data import bands as bands_lib
 
 _PREPARE_HINT = (
     "prepare it with: python -m data_builders.prepare {name} --manual_dir <raw data dir> "

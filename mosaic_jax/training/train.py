@@ -35,13 +35,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_builders import atomic_files, console, datasets
-from mosaic_jax import augment, bands, checkpoints, objectives
-from mosaic_jax.configuration import validate_config
-from mosaic_jax.demo_data import demo_data_dir
-from mosaic_jax.distributed import PreemptionWatcher
-from mosaic_jax.metrics import format_metrics_markdown, multilabel_metrics
+from mosaic_jax import objectives
+from mosaic_jax.data import augment, bands
+from mosaic_jax.data.demo_data import demo_data_dir
+from mosaic_jax.evaluation.metrics import format_metrics_markdown, multilabel_metrics
+from mosaic_jax.evaluation.tsne_plot import plot_tsne
 from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables
-from mosaic_jax.tsne_plot import plot_tsne
+from mosaic_jax.training import checkpoints
+from mosaic_jax.training.configuration import validate_config
+from mosaic_jax.training.distributed import PreemptionWatcher
 
 Batch = Mapping[str, jax.Array]
 
@@ -444,7 +446,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     """Data, model, steps, checkpoint manager and metric writer of a run."""
     # The train extra (Grain, tensorboardX): the core above imports without it, as on
     # accelerator images.
-    from mosaic_jax import input_pipeline, tensorboard_writer
+    from mosaic_jax.data import input_pipeline
+    from mosaic_jax.training import tensorboard_writer
 
     workdir = checkpoints.resolve_workdir(workdir)  # a URL (gs://bucket/runs/x) as given
     checkpoints.check_workdir_matches(workdir, config)  # before any compile

@@ -17,7 +17,8 @@ import jax
 import ml_collections
 
 from data_builders import datasets
-from mosaic_jax import augment, bands, objectives
+from mosaic_jax import objectives
+from mosaic_jax.data import augment, bands
 from mosaic_jax.models import ENCODER_NAMES
 
 
@@ -194,7 +195,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
             _fail(key, "unknown key (typo?)")
     for key in reference:
         if key not in values and not key.startswith("loss.weights."):
-            _fail(key, "missing key; start config files from mosaic_jax.configuration."
+            _fail(key, "missing key; start config files from mosaic_jax.training.configuration."
                   "base_config()")
         if isinstance(reference[key], bool) and not isinstance(values.get(key), bool):
             _fail(key, f"must be True or False, got {values.get(key)!r}")

@@ -2,13 +2,13 @@
 
 A run's *labelled fraction* is ``data.train_fraction * data.label_fraction`` from its
 ``config.json``: the share of the training split whose labels the run read (the labelled
-subsets are nested, see `mosaic_jax.input_pipeline`). Linear-probe and fine-tune runs are
+subsets are nested, see `mosaic_jax.data.input_pipeline`). Linear-probe and fine-tune runs are
 placed by their own config, i.e. the labels the downstream training used, and drawn as lines
 of their own ("mosaic1 linear probe", named after the pretraining run's objective when its
 ``config.json`` is readable).
 
-`curve_rows` (pure: run descriptions in, rows out) is what `mosaic_jax.report` calls through
-`report_files` when the given workdirs differ in labelled fraction; it then writes
+`curve_rows` (pure: run descriptions in, rows out) is what `mosaic_jax.evaluation.report`
+calls through `report_files` when the given workdirs differ in labelled fraction; it then writes
 ``label_efficiency.csv`` (one row per run) and ``label_efficiency.png`` (one line per
 objective and protocol, the mean of runs at the same fraction, log-scale x axis).
 """
@@ -143,8 +143,8 @@ def plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
 
 
 def report_files(runs: Sequence[Any], split: str) -> tuple[dict[str, str | bytes], str | None]:
-    """({file name: content}, report.md section) for `mosaic_jax.report`; nothing when the runs
-    do not differ in labelled fraction."""
+    """({file name: content}, report.md section) for `mosaic_jax.evaluation.report`; nothing when
+    the runs do not differ in labelled fraction."""
     rows = curve_rows(runs)
     if not differ(rows):
         return {}, None

@@ -1,8 +1,8 @@
 """The results report: the paper's comparison of methods over several training runs.
 
-``python -m mosaic_jax.report --workdirs A B C --output DIR [--split validation]`` reads each
+``python -m mosaic_jax report --workdirs A B C --output DIR [--split validation]`` reads each
 workdir's ``config.json`` and ``metrics_<split>.json`` (written by
-`mosaic_jax.train.train_and_evaluate`) and writes to ``DIR``:
+`mosaic_jax.training.train.train_and_evaluate`) and writes to ``DIR``:
 
 - ``comparison.md`` / ``comparison.csv``: one row per method x dataset with macro/micro AP and
   macro/micro F1 (and the label-frequency chance level of macro AP); the markdown marks the best
@@ -13,9 +13,9 @@ workdir's ``config.json`` and ``metrics_<split>.json`` (written by
 - ``ap_per_class_<dataset>.png``: grouped bar chart of the AP of every class for every method;
 - ``tsne/<method>_<dataset>.png``: a copy of each run's t-SNE picture (when it has one);
 - ``retrieval.md`` / ``retrieval.csv``: precision, mAP and NDCG at k per run and mode, when
-  workdirs hold ``retrieval/retrieval.json`` (`mosaic_jax.retrieval`);
+  workdirs hold ``retrieval/retrieval.json`` (`mosaic_jax.evaluation.retrieval`);
 - ``label_efficiency.png`` / ``.csv``: macro and micro AP against the labelled fraction, when
-  the runs differ in it (`mosaic_jax.label_efficiency`);
+  the runs differ in it (`mosaic_jax.evaluation.label_efficiency`);
 - ``report.md``: all of the above on one page.
 
 A method is named after the run's objective (the workdir's name when it has no config); a
@@ -46,8 +46,9 @@ from typing import Any
 import numpy as np
 
 from data_builders import atomic_files, cli_errors, console, datasets
-from mosaic_jax import label_efficiency, objectives, retrieval
-from mosaic_jax.checkpoints import CONFIG_FILE
+from mosaic_jax import objectives
+from mosaic_jax.evaluation import label_efficiency, retrieval
+from mosaic_jax.training.checkpoints import CONFIG_FILE
 
 HEADLINE = (("macro_ap", "macro AP"), ("micro_ap", "micro AP"), ("macro_f1", "macro F1"),
             ("micro_f1", "micro F1"))
@@ -355,7 +356,7 @@ def write_report(workdirs: Sequence[str], output: str, *, split: str = "validati
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mosaic_jax.report",
+    parser = argparse.ArgumentParser(prog="python -m mosaic_jax report",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdirs", nargs="+", required=True, help="training workdirs")
     parser.add_argument("--output", required=True, help="report folder (created)")

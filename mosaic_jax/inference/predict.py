@@ -1,11 +1,11 @@
 """Land-cover probability maps of whole Sentinel-1/Sentinel-2 scenes with an exported model.
 
-``python -m mosaic_jax.predict --export OUT --s1 s1.tif --s2 s2.tif --output map.tif
+``python -m mosaic_jax predict --export OUT --s1 s1.tif --s2 s2.tif --output map.tif
 [--stride 60] [--batch_size 256] [--min_valid 0.5] [--labels_threshold 0.5]`` slides windows of
 the model's patch size (``model.json["input_size"]``) over the scene every ``--stride`` pixels,
 runs them in batches through the exported embedder (`mosaic_jax.export.load_embedder`, no
 training code) and blends overlapping predictions (mean per output cell; geometry in
-`mosaic_jax.scene_windows`).
+`mosaic_jax.inference.scene_windows`).
 
 Inputs: one GeoTIFF per modality (local path or ``gs://``, read through GDAL's ``/vsigs/``),
 every band at the S2 10 m grid, in ``model.json``'s units (S1 backscatter in dB, S2 reflectance
@@ -51,8 +51,8 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from data_builders import atomic_files
-from mosaic_jax import scene_windows
 from mosaic_jax.export import load_embedder, load_model_info
+from mosaic_jax.inference import scene_windows
 
 LABEL_NODATA = 255
 QUICKLOOK_MAX_SIDE = 1024
@@ -212,7 +212,7 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
     """Maps a scene with an export; writes the COG(s) and PNG the module doc lists.
 
     Args:
-      export_dir: folder written by ``python -m mosaic_jax.export``.
+      export_dir: folder written by ``python -m mosaic_jax export``.
       s1_path, s2_path: the scene's GeoTIFFs (local or ``gs://``).
       output: probability map path (``.tif``; local or ``gs://``).
       stride: window step in input pixels, 1..patch size (default: half the patch size).
@@ -501,7 +501,7 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mosaic_jax.predict",
+    parser = argparse.ArgumentParser(prog="python -m mosaic_jax predict",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", required=True, help="folder written by mosaic_jax.export")
     parser.add_argument("--s1", required=True, help="Sentinel-1 GeoTIFF (dB), local or gs://")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mosaic_jax.export import flatten_tree
+from mosaic_jax.export.torchvision_resnet import flatten_tree
 from mosaic_jax.models.convnext import VARIANTS
 from mosaic_jax.models.towers import CONVNEXT_NAMES
 

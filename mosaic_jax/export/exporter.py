@@ -1,6 +1,6 @@
 """Export a trained run for use outside this project, and load the exported embedder.
 
-``python -m mosaic_jax.export --workdir DIR --output OUT`` writes, from the latest checkpoint of
+``python -m mosaic_jax export --workdir DIR --output OUT`` writes, from the latest checkpoint of
 a training workdir (or ``--step``):
 
 - ``OUT/params.msgpack``: ``flax.serialization.to_bytes({"params", "batch_stats"})``; read it
@@ -30,10 +30,8 @@ a training workdir (or ``--step``):
 Everything is written to a temporary folder next to ``OUT`` and renamed into place at the end,
 so ``OUT`` is either the previous export or the complete new one.
 
-The loader half of this module (`load_embedder`, `load_model_info`) sits at the top and imports
-nothing but the standard library, numpy and jax (a process that only loads an export needs
-nothing else); everything that needs flax, orbax or the rest of ``mosaic_jax`` is imported inside
-the export functions, marked "export side".
+The loader (`load_embedder`, `load_model_info`) is the package `mosaic_jax.export` itself and
+imports nothing but the standard library, numpy and jax; this module is the heavy side.
 """
 
 from __future__ import annotations
@@ -46,170 +44,21 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from data_builders import cli_errors, console, datasets
-
-FORMAT_VERSION = 1
-MODEL_FILE = "model.json"
-PARAMS_FILE = "params.msgpack"
-EMBEDDER_FILE = "embedder.jax_export"
-
-# ----------------------------------------------------------------------------------------------
-# Loader: standard library + numpy + jax only.
-
-
-def load_model_info(export_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``model.json`` of an export folder as a dict."""
-    path = os.path.join(os.fspath(export_dir), MODEL_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{os.fspath(export_dir)!r} has no {MODEL_FILE}; is it the "
-                                "output of python -m mosaic_jax.export?")
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_embedder(export_dir: str | os.PathLike[str]
-                  ) -> Callable[[Any, Any], dict[str, jax.Array]]:
-    """Loads ``embedder.jax_export`` as a jitted ``embed(s1, s2) -> dict of arrays``.
-
-    ``s1``: float32 [b, S, S, c1] and ``s2``: float32 [b, S, S, c2], normalised per band as
-    ``model.json`` says; any batch size ``b >= 1``. Returns jax arrays ``[b, ...]`` (see
-    ``model.json["embedder"]["outputs"]``). Needs only jax and numpy; it runs on the default
-    jax backend, which must be one of the platforms the export was made for
-    (``embed.exported.platforms``).
-    """
-    path = os.path.join(os.fspath(export_dir), EMBEDDER_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{os.fspath(export_dir)!r} has no {EMBEDDER_FILE}; is it the "
-                                "output of python -m mosaic_jax.export?")
-    with open(path, "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
-    call = jax.jit(exported.call)
-    avals = exported.in_avals
-
-    def embed(s1: Any, s2: Any) -> dict[str, jax.Array]:
-        args = []
-        for name, x, aval in (("s1", s1, avals[0]), ("s2", s2, avals[1])):
-            x = jnp.asarray(x, dtype=aval.dtype)
-            if x.ndim != 4 or tuple(x.shape[1:]) != tuple(aval.shape[1:]) or x.shape[0] < 1:
-                want = ", ".join(map(str, aval.shape[1:]))
-                raise ValueError(f"{name} must have shape [b, {want}] with b >= 1 (normalised, "
-                                 f"NHWC); got {tuple(x.shape)}")
-            args.append(x)
-        if args[0].shape[0] != args[1].shape[0]:
-            raise ValueError(f"s1 and s2 have different batch sizes: {args[0].shape[0]} and "
-                             f"{args[1].shape[0]}")
-        return call(*args)
-
-    # A diverged model must not silently produce NaN maps or embeddings: one probe sample of
-    # band means (zeros after normalisation) reaches every parameter and statistic.
-    probe = call(*(jnp.zeros((1, *aval.shape[1:]), aval.dtype) for aval in avals))
-    bad = [k for k, v in probe.items() if not np.isfinite(np.asarray(v)).all()]
-    if bad:
-        raise ValueError(f"the model in {os.fspath(export_dir)!r} gives non-finite {', '.join(bad)}"
-                         " for a plain input: its parameters are not finite (a diverged run); "
-                         "export an earlier checkpoint with python -m mosaic_jax.export --step")
-    embed.exported = exported  # type: ignore[attr-defined]
-    return embed
-
-
-# ----------------------------------------------------------------------------------------------
-# Export (imports flax, orbax and the model code lazily).
-
-_DOWNSAMPLE = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-         "var": "running_var"}
-RUNNING_VAR_NOTE = (
-    "running_var holds Flax's running average of the *biased* batch variance (PyTorch's is "
-    "unbiased, larger by n/(n-1) per batch of n values); in eval mode both frameworks normalise "
-    "with (x - running_mean) / sqrt(running_var + 1e-5), so the stored values reproduce the "
-    "trained network exactly. num_batches_tracked holds the training step of the checkpoint.")
-
-
-def _torch_module_name(path: Sequence[str]) -> str:
-    """Flax module path (``layer2_0``, ``downsample_bn``) -> torchvision name."""
-    out = []
-    for part in path:
-        if part in _DOWNSAMPLE:
-            out.append(_DOWNSAMPLE[part])
-        elif part.startswith("layer") and "_" in part:
-            stage, block = part[len("layer"):].split("_", 1)
-            if not (stage.isdigit() and block.isdigit()):
-                raise ValueError(f"unexpected ResNet module {part!r}")
-            out.append(f"layer{stage}.{block}")
-        else:
-            out.append(part)
-    return ".".join(out)
-
-
-def flatten_tree(tree: Mapping[str, Any],
-                 prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Nested dicts of arrays -> {(key, ..., leaf key): array} (parameter paths as tuples)."""
-    out: dict[tuple[str, ...], Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flatten_tree(value, (*prefix, str(key))))
-        else:
-            out[(*prefix, str(key))] = value
-    return out
-
-
-def resnet_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
-                      num_batches_tracked: int = 0,
-                      classifier: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """A `mosaic_jax.models.ResNet`'s variables as a torchvision ``ResNet.state_dict()``.
-
-    Args:
-      params, batch_stats: the encoder's own subtrees (e.g. ``params["enc_s1"]``).
-      num_batches_tracked: value of every BN's ``num_batches_tracked`` (int64 scalar).
-      classifier: optional ``nn.Dense`` params ``{"kernel" [F, C], "bias" [C]}`` written as
-        ``fc.weight`` [C, F] / ``fc.bias``.
-
-    Returns:
-      name -> C-contiguous numpy array: conv ``weight`` [out, in, kh, kw] (Flax: [kh, kw, in,
-      out]); BN ``weight``/``bias``/``running_mean``/``running_var`` float32 [C] and
-      ``num_batches_tracked`` int64 []. See `RUNNING_VAR_NOTE` for what ``running_var`` holds.
-      ValueError for a variable that has no torchvision counterpart (e.g. a ConvNeXt).
-    """
-    out: dict[str, np.ndarray] = {}
-    bn_modules: set[str] = set()
-    for path, value in sorted(flatten_tree(params).items()):
-        *module, leaf = path
-        if leaf not in ("kernel", "scale", "bias") or not module:
-            raise ValueError(f"not a torchvision ResNet parameter: {'/'.join(path)}")
-        name = _torch_module_name(module)
-        value = np.asarray(value, dtype=np.float32)
-        if leaf == "kernel":
-            if value.ndim != 4:
-                raise ValueError(f"not a ResNet conv kernel: {'/'.join(path)} {value.shape}")
-            value = value.transpose(3, 2, 0, 1)
-        else:
-            bn_modules.add(name)
-        out[f"{name}.{_LEAF[leaf]}"] = np.ascontiguousarray(value)
-    stats = flatten_tree(batch_stats)
-    for path, value in sorted(stats.items()):
-        *module, leaf = path
-        name = _torch_module_name(module)
-        if leaf not in ("mean", "var") or name not in bn_modules:
-            raise ValueError(f"not a torchvision ResNet BatchNorm statistic: {'/'.join(path)}")
-        out[f"{name}.{_LEAF[leaf]}"] = np.ascontiguousarray(np.asarray(value, np.float32))
-    for name in sorted(bn_modules):
-        if f"{name}.running_mean" not in out or f"{name}.running_var" not in out:
-            raise ValueError(f"BatchNorm {name} has no running statistics in batch_stats")
-        out[f"{name}.num_batches_tracked"] = np.asarray(num_batches_tracked, dtype=np.int64)
-    if classifier is not None:
-        out["fc.weight"] = np.ascontiguousarray(np.asarray(classifier["kernel"], np.float32).T)
-        out["fc.bias"] = np.ascontiguousarray(np.asarray(classifier["bias"], np.float32))
-    return out
+from mosaic_jax import models
+from mosaic_jax.data import augment, bands
+from mosaic_jax.export import EMBEDDER_FILE, FORMAT_VERSION, MODEL_FILE, PARAMS_FILE, timm_convnext
+from mosaic_jax.export.torchvision_resnet import RUNNING_VAR_NOTE, resnet_state_dict
+from mosaic_jax.models.towers import CONVNEXT_NAMES, RESNET_DEPTHS, encoder_num_features
+from mosaic_jax.training import checkpoints
 
 
 def _input_spec(config: Any) -> dict[str, Any]:
     """Bands, normalisation and units of both modalities (``model.json["inputs"]``)."""
-    from mosaic_jax import bands  # export side: flax and the model code
-
     facts = datasets.get(config.data.name)
     d, m = config.data, config.model
     used = {"s1", "s2"} if m.kind == "two_tower" or m.inputs == "s1s2" else {m.inputs}
@@ -232,8 +81,6 @@ def _input_spec(config: Any) -> dict[str, Any]:
 def _encoder_entries(config: Any, names: Any = None) -> dict[str, tuple[str, str, str]]:
     """modality key -> (params subtree, encoder name, file name) of the encoders whose name is
     in `names` (default: the ResNets)."""
-    from mosaic_jax.models.towers import RESNET_DEPTHS  # export side: flax and the model code
-
     names = RESNET_DEPTHS if names is None else names
     m = config.model
     if m.kind == "two_tower":
@@ -253,8 +100,6 @@ def make_embed_fn(config: Any, variables: Mapping[str, Any], input_size: int
     both to ``config.augment.out_size`` and applies the model in eval mode with ``variables``
     closed over (so they become constants when traced).
     """
-    from mosaic_jax import augment, models  # export side: flax and the model code
-
     model = models.create_model(config)
     size = int(config.augment.out_size)
     two = config.model.kind == "two_tower"
@@ -289,8 +134,6 @@ def export_embedder(config: Any, variables: Mapping[str, Any], input_size: int,
                     platforms: Sequence[str] = ("cpu", "cuda", "tpu")
                     ) -> tuple[jax.export.Exported, dict[str, str]]:
     """``jax.export`` of `make_embed_fn` with a symbolic batch size ``b``."""
-    from mosaic_jax import models  # export side: flax and the model code
-
     fn, described = make_embed_fn(config, variables, input_size)
     (_, _, c1), (_, _, c2) = models.input_shapes(config)
     (b,) = jax.export.symbolic_shape("b")
@@ -338,11 +181,6 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
     Returns the ``model.json`` dict. FileNotFoundError naming the workdir when it has no
     checkpoint; FileExistsError when ``output`` is something other than a previous export.
     """
-    import flax.serialization  # export side: flax and the model code
-
-    from mosaic_jax import checkpoints, convnext_timm
-    from mosaic_jax.models.towers import CONVNEXT_NAMES, RESNET_DEPTHS, encoder_num_features
-
     output = os.path.abspath(os.path.expanduser(output))
     _check_output_dir(output)
     run = checkpoints.restore_variables(workdir, step)
@@ -406,14 +244,14 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
             safetensors.numpy.save_file(tensors, os.path.join(tmp, filename), metadata=metadata)
             encoders[modality] = info
         for modality, (subtree, name, filename) in convnext_entries.items():
-            tensors = convnext_timm.timm_state_dict(
+            tensors = timm_convnext.timm_state_dict(
                 variables["params"][subtree],
-                conv_mlp=CONVNEXT_NAMES[name] in convnext_timm.CONV_MLP_VARIANTS,
+                conv_mlp=CONVNEXT_NAMES[name] in timm_convnext.CONV_MLP_VARIANTS,
                 classifier=(variables["params"]["classifier"] if m.kind == "single_tower"
                             else None))
             bands = (inputs["s1"]["bands"] + inputs["s2"]["bands"] if modality == "s1s2"
                      else inputs[modality]["bands"])
-            info = convnext_timm.encoder_info(name, tensors, filename=filename, bands=bands,
+            info = timm_convnext.encoder_info(name, tensors, filename=filename, bands=bands,
                                               input_size=int(config.augment.out_size))
             metadata = {k: json.dumps(v) if not isinstance(v, str) else v
                         for k, v in info.items()}
@@ -438,7 +276,7 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
             "input_size": spatial,
             "model_input_size": int(config.augment.out_size),
             "resize": "central square crop of the full patch, bilinear resize to "
-                      "model_input_size (mosaic_jax.augment.center_resize); done inside the "
+                      "model_input_size (mosaic_jax.data.augment.center_resize); done inside the "
                       "embedder",
             "embedder": {"file": EMBEDDER_FILE, "args": ["s1", "s2"],
                          "arg_shapes": [["b", spatial, spatial, len(inputs["s1"]["bands"])],
@@ -467,7 +305,7 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m mosaic_jax.export", description=__doc__.split("\n\n")[0])
+        prog="python -m mosaic_jax export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir")
     parser.add_argument("--output", required=True, help="export folder (created or replaced)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

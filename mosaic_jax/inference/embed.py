@@ -1,10 +1,10 @@
 """Embeddings of a whole dataset split with an exported embedder (``mosaic_jax.export``).
 
-``python -m mosaic_jax.embed --export OUT --dataset bigearthnet_v2 --split test --data_dir D
+``python -m mosaic_jax embed --export OUT --dataset bigearthnet_v2 --split test --data_dir D
 --output emb.npz [--batch_size 256]`` reads the prepared split with the evaluation pipeline of
-training (`mosaic_jax.input_pipeline.make_eval_dataset`: the export's bands, normalised with its
-statistics), runs ``OUT/embedder.jax_export`` on every batch and writes one ``.npz`` (atomically:
-temp file, then rename) with, for the N patches of the split in source order:
+training (`mosaic_jax.data.input_pipeline.make_eval_dataset`: the export's bands, normalised with
+its statistics), runs ``OUT/embedder.jax_export`` on every batch and writes one ``.npz``
+(atomically: temp file, then rename) with, for the N patches of the split in source order:
 
 - one float32 [N, ...] array per embedder output (``embedding``, ``h_s1``, ``h_s2``,
   ``inter_s1``, ``inter_s2``, ``probs``; see the export's ``model.json``);
@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_builders import atomic_files, cli_errors, console
-from mosaic_jax import input_pipeline
+from mosaic_jax.data import input_pipeline
 from mosaic_jax.export import load_embedder, load_model_info
 
 
@@ -32,7 +32,7 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
     """Embeds every patch of ``split``; returns the arrays `main` writes to the npz.
 
     Args:
-      export_dir: folder written by ``python -m mosaic_jax.export``.
+      export_dir: folder written by ``python -m mosaic_jax export``.
       split: TFDS split spec ("test", "validation[:1000]", ...).
       data_dir: TFDS data directory the dataset was prepared into.
       dataset: TFDS name, default the export's; it must be the export's dataset (band layout
@@ -85,7 +85,7 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mosaic_jax.embed",
+    parser = argparse.ArgumentParser(prog="python -m mosaic_jax embed",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", required=True, help="folder written by mosaic_jax.export")
     parser.add_argument("--dataset", default=None,

@@ -42,10 +42,10 @@ the block's candidates; ``approx=True`` uses ``jax.lax.approx_max_k``, recall ~0
 exact elsewhere). Device memory: queries + the [Q, k] running result + one archive block +
 one [query_block, archive_block] similarity tile.
 
-``python -m mosaic_jax.retrieval --export DIR --dataset bigearthnet_v2 --query_split test
+``python -m mosaic_jax retrieval --export DIR --dataset bigearthnet_v2 --query_split test
 --archive_split train --data_dir D --output OUT`` (or ``--query_npz/--archive_npz`` from
-``mosaic_jax.embed``) writes ``OUT/retrieval.json`` (all numbers, per mode, overall and per
-class) and ``OUT/retrieval.md`` (the same as tables), atomically.
+``mosaic_jax.inference.embed``) writes ``OUT/retrieval.json`` (all numbers, per mode, overall
+and per class) and ``OUT/retrieval.md`` (the same as tables), atomically.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_builders import atomic_files
-from mosaic_jax.embed import embed_split
+from mosaic_jax.inference.embed import embed_split
 
 MODES: dict[str, tuple[str, str]] = {
     "fused": ("embedding", "embedding"),
@@ -347,7 +347,7 @@ def evaluate(query: Mapping[str, np.ndarray], archive: Mapping[str, np.ndarray],
              exclude_self: bool = False, query_block: int = 1024, archive_block: int = 8192,
              approx: bool = False, class_names: Sequence[str] | None = None
              ) -> dict[str, Any]:
-    """Retrieval metrics of every mode; arrays as `mosaic_jax.embed` writes them.
+    """Retrieval metrics of every mode; arrays as `mosaic_jax.inference.embed` writes them.
 
     ``query``/``archive``: {output key: float [N, d], "labels": bool [N, C]} (and ``index``,
     used with ``exclude_self`` to find each query in the archive). Returns {"ks", "gain",
@@ -361,7 +361,7 @@ def evaluate(query: Mapping[str, np.ndarray], archive: Mapping[str, np.ndarray],
     if exclude_self:
         if "index" not in query or "index" not in archive:
             raise ValueError("exclude_self finds each query in the archive by its 'index' "
-                             "(position in the split, written by mosaic_jax.embed); the "
+                             "(position in the split, written by mosaic_jax.inference.embed); the "
                              "query or the archive has none")
         position = {int(i): p for p, i in enumerate(np.asarray(archive["index"]))}
         self_index = np.asarray([position.get(int(i), -1) for i in np.asarray(query["index"])])
@@ -454,8 +454,9 @@ def report_table(named: Sequence[tuple[str, str, Mapping[str, Any]]]) -> tuple[s
 
 
 def report_files(runs: Sequence[Any]) -> tuple[dict[str, str], str | None]:
-    """({file name: content}, report.md section) for `mosaic_jax.report`: the retrieval table
-    of the runs (``workdir``, ``method``, ``dataset``) whose workdir has retrieval results."""
+    """({file name: content}, report.md section) for `mosaic_jax.evaluation.report`: the
+    retrieval table of the runs (``workdir``, ``method``, ``dataset``) whose workdir has retrieval
+    results."""
     named = [(r.method, r.dataset, res) for r in runs
              if (res := load_results(r.workdir)) is not None]
     if not named:
@@ -471,16 +472,17 @@ def report_files(runs: Sequence[Any]) -> tuple[dict[str, str], str | None]:
 def _load_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"embeddings file {path!r} does not exist (write it with "
-                                "python -m mosaic_jax.embed)")
+                                "python -m mosaic_jax embed)")
     with np.load(path) as f:
         data = dict(f)
     if "labels" not in data:
-        raise ValueError(f"{path} has no 'labels' array: not written by mosaic_jax.embed?")
+        raise ValueError(f"{path} has no 'labels' array: not written by "
+                         "mosaic_jax.inference.embed?")
     return data
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mosaic_jax.retrieval",
+    parser = argparse.ArgumentParser(prog="python -m mosaic_jax retrieval",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", help="export folder: embed the two splits with it")
     parser.add_argument("--dataset", default=None, help="TFDS name (default: the export's)")
@@ -488,8 +490,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--archive_split", default="train", help="TFDS split of the archive")
     parser.add_argument("--data_dir", default="~/tensorflow_datasets",
                         help="TFDS data directory of the prepared dataset")
-    parser.add_argument("--query_npz", help="queries from mosaic_jax.embed (instead of --export)")
-    parser.add_argument("--archive_npz", help="archive from mosaic_jax.embed")
+    parser.add_argument("--query_npz",
+                        help="queries from mosaic_jax.inference.embed (instead of --export)")
+    parser.add_argument("--archive_npz", help="archive from mosaic_jax.inference.embed")
     parser.add_argument("--output", required=True, help="folder for retrieval.json and .md")
     parser.add_argument("--modes", nargs="+", default=None, choices=list(MODES),
                         help="default: every mode the embeddings allow")

@@ -1,0 +1,1 @@
+"""Inference with an export: embeddings of a dataset split, and maps of whole scenes."""
