@@ -246,7 +246,7 @@ def test_tpu_launcher_aot_check_then_dry_run():
                           *(f"--override={o.removeprefix('--config.')}" for o in TINY_OVERRIDES)],
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "mosaic_jax.training.aot" in run.stderr and "| train_step" in run.stderr
+    assert "-m mosaic_jax aot" in run.stderr and "| train_step" in run.stderr
     assert run.stdout.splitlines()[0].startswith("gcloud compute tpus tpu-vm create")
 
 
