@@ -42,6 +42,7 @@ from mosaic_jax.evaluation.metrics import format_metrics_markdown, multilabel_me
 from mosaic_jax.evaluation.tsne_plot import plot_tsne
 from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables
 from mosaic_jax.training import checkpoints
+from mosaic_jax.training import workdir as workdir_files
 from mosaic_jax.training.configuration import validate_config
 from mosaic_jax.training.distributed import PreemptionWatcher
 
@@ -352,12 +353,13 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
 
     Returns the t-SNE picture as [H, W, 3] uint8 (None when none was drawn)."""
     record = {"step": step, "split": split, **metrics}
-    atomic_files.write_atomic(os.path.join(workdir, f"metrics_{split}.json"),
+    atomic_files.write_atomic(os.path.join(workdir, workdir_files.metrics_file(split)),
                               json.dumps(record, indent=1))
-    atomic_files.write_atomic(os.path.join(workdir, f"metrics_{split}.md"),
+    atomic_files.write_atomic(os.path.join(workdir, workdir_files.metrics_markdown_file(split)),
                               f"# {split} metrics at step {step}\n\n"
                               + format_metrics_markdown(metrics, class_names))
-    history, line = os.path.join(workdir, "eval_history.jsonl"), json.dumps(record) + "\n"
+    history = os.path.join(workdir, workdir_files.EVAL_HISTORY_FILE)
+    line = json.dumps(record) + "\n"
     if atomic_files.is_remote(history):  # objects cannot be appended to: read, then rewrite whole
         old = epath.Path(history)
         atomic_files.write_atomic(history, (old.read_text() if old.exists() else "") + line)
@@ -365,7 +367,7 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
         with open(history, "a") as f:
             f.write(line)
     if tsne_points > 0 and len(embeddings) >= 5:
-        png = os.path.join(workdir, f"tsne_{split}.png")
+        png = os.path.join(workdir, workdir_files.tsne_file(split))
         title = f"t-SNE of the {embedding_name}, {split} split, step {step}"
         return plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points,
                          title=title)
@@ -382,7 +384,7 @@ def embedding_name(config: ml_collections.ConfigDict) -> str:
 def linear_probe_hint(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     """For an objective that does not train the classifier, the command that measures its
     encoders (a linear probe on the same data); None otherwise."""
-    if "bce" in objectives.terms_of(config.objective):
+    if workdir_files.classifier_trained(config.to_dict()):
         return None
     args = ",".join(a for a, on in (("demo", config.data.demo),
                                     ("sen12ms", config.data.name == "sen12ms")) if on)
