@@ -34,14 +34,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from data_builders import atomic_files, console, datasets
+from data_builders import atomic_files, datasets
 from mosaic_jax import objectives
 from mosaic_jax.data import augment, bands
 from mosaic_jax.data.demo_data import demo_data_dir
 from mosaic_jax.evaluation.metrics import format_metrics_markdown, multilabel_metrics
 from mosaic_jax.evaluation.tsne_plot import plot_tsne
 from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables
-from mosaic_jax.training import checkpoints
+from mosaic_jax.training import checkpoints, messages
 from mosaic_jax.training import workdir as workdir_files
 from mosaic_jax.training.configuration import validate_config
 from mosaic_jax.training.distributed import PreemptionWatcher
@@ -477,7 +477,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     if config.init_from:
         state = load_pretrained(state, config.init_from)
         if is_chief:
-            print(console.init_from_line(config.init_from, checkpoints.latest_step(
+            print(messages.init_from_line(config.init_from, checkpoints.latest_step(
                 config.init_from), config.train_mode), flush=True)
     writer = tensorboard_writer.create_writer(workdir, just_logging=not is_chief)
     progress = tensorboard_writer.ReportProgress(
@@ -607,7 +607,7 @@ def _finish(run: _Run, state: TrainState) -> dict[str, Any]:
         chance = metrics["label_frequency_macro_ap"]
         verdict = ("clearly above" if metrics["macro_ap"] > chance + 0.1 else
                    "NOT clearly above")
-        print(f"{console.done_line(final_step, final_step - run.steps_run, run.train_seconds)}"
+        print(f"{messages.done_line(final_step, final_step - run.steps_run, run.train_seconds)}"
               f" Final macro AP {metrics['macro_ap']:.4f} is {verdict} the {chance:.4f} that "
               f"label frequencies alone give. Outputs in {run.workdir}", flush=True)
         hint = linear_probe_hint(run.config, run.workdir)
