@@ -22,6 +22,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# pytest is this program's entry point, not an absl app: absl's flags keep their defaults, as
+# the input pipeline's Grain worker processes need them parsed (mosaic_jax.data.input_pipeline).
+flags.FLAGS.mark_as_parsed()
 
 
 def hide_packages_source(names: tuple[str, ...]) -> str:
