@@ -53,6 +53,7 @@ def test_training_console_resume_and_probe(prepared_fake, tmp_path):
     main = ["-m", "mosaic_jax.main", "--config=configs/mosaic1.py:demo"]
     first = run_python([*main, *_tiny_flags(prepared_fake, workdir, 3)])
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "| Name" in first.stderr and "Total: " in first.stderr  # clu's parameter table
     second = run_python([*main, *_tiny_flags(prepared_fake, workdir, 5)])
     assert second.returncode == 0, second.stderr[-3000:]
     console_text = second.stdout + second.stderr

@@ -446,8 +446,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _set_up(config: ml_collections.ConfigDict, workdir: str,
             preemption: PreemptionWatcher) -> _Run:
     """Data, model, steps, checkpoint manager and metric writer of a run."""
-    # The train extra (Grain, tensorboardX): the core above imports without it, as on
+    # The train extra (Grain, tensorboardX, clu): the core above imports without it, as on
     # accelerator images.
+    from clu import parameter_overview
+
     from mosaic_jax.data import input_pipeline
     from mosaic_jax.training import tensorboard_writer
 
@@ -479,6 +481,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
         if is_chief:
             print(messages.init_from_line(config.init_from, checkpoints.latest_step(
                 config.init_from), config.train_mode), flush=True)
+    if is_chief:  # the parameter table the Flax examples log at start (names, shapes, sizes)
+        parameter_overview.log_parameter_overview(state.params, include_stats=False)
     writer = tensorboard_writer.create_writer(workdir, just_logging=not is_chief)
     progress = tensorboard_writer.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps)
