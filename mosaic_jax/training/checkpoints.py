@@ -34,7 +34,7 @@ from etils import epath
 from data_builders import atomic_files
 from mosaic_jax import objectives
 from mosaic_jax.training import configuration
-from mosaic_jax.training.workdir import CONFIG_FILE, read_config, resolve_workdir
+from mosaic_jax.training.workdir import CONFIG_FILE, config_path, read_config, resolve_workdir
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -263,7 +263,7 @@ def check_workdir_matches(workdir: str | os.PathLike[str], config: Any) -> None:
     (objective, encoders, sizes) than `config`, instead of Orbax's tree-mismatch traceback at
     restore time. A workdir without a checkpoint or config.json passes."""
     workdir = resolve_workdir(workdir)
-    if not checkpoint_steps(workdir) or not (epath.Path(workdir) / CONFIG_FILE).is_file():
+    if not checkpoint_steps(workdir) or not config_path(workdir).is_file():
         return
     diffs = structure_differences(load_config(workdir), config)
     if diffs:
