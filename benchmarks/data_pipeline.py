@@ -214,10 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_patches", type=int, default=None)
     p.add_argument("--work_dir", default=None, help="scratch dir (default: a temp dir, removed)")
     args = p.parse_args(argv)
-    # Not an absl app: Grain's worker processes (the workers rows) read absl flags.
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
     num_patches = args.num_patches or (30 if args.quick else 400)
     batch, batches = (8, 5) if args.quick else (32, 30)
     aug_batches, aug_samples = ([8], 24) if args.quick else ([8, 64], 640)
@@ -293,4 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # not an absl app; Grain's worker processes read absl flags
     raise SystemExit(main())

@@ -121,8 +121,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def subprocess_env(**extra):
-    """The environment of a subprocess run: CPU only, this checkout importable."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **extra)
+    """The environment of a subprocess run: CPU only, this checkout first on the path."""
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, **extra)
 
 
 def run_python(args, timeout=600, **env):
