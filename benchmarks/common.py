@@ -1,6 +1,7 @@
 """Shared helpers of the loss and train-step benchmarks: machine description, JSON output,
-peak process memory. Imports only the standard library (jax, and mosaic_jax.atomic_files for
-write_json, when asked for)."""
+peak process memory. Imports only the standard library (jax when asked for, and the standard
+library-only data_builders.atomic_files and mosaic_jax.evaluation.tables when their helpers are
+called)."""
 
 from __future__ import annotations
 
@@ -112,12 +113,7 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown-style table with aligned columns."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    """A Markdown-style table with aligned columns (`mosaic_jax.evaluation.tables`, padded)."""
+    from mosaic_jax.evaluation.tables import table_lines
 
-    def line(r: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+    return "\n".join(table_lines(headers, rows, padded=True))

@@ -289,4 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # not an absl app; Grain's worker processes read absl flags
     raise SystemExit(main())

@@ -59,21 +59,3 @@ def quiet_console() -> None:
         if logger.level == logging.NOTSET or logger.level < logging.WARNING:
             logger.setLevel(logging.WARNING)
 
-
-def init_from_line(init_from: str, step: int, train_mode: str) -> str:
-    """What a probe or fine-tune run says about the encoders it starts from."""
-    if train_mode == "linear_probe":
-        how = "frozen (linear probe: only the new classifier trains)"
-    else:
-        how = "fine-tuned (every weight trains; the classifier is new)"
-    return f"Encoders from {init_from}, checkpoint step {step}: {how}."
-
-
-def done_line(final_step: int, start_step: int, seconds: float) -> str:
-    """The first words of the closing line: steps done in this run and their time (after a
-    resume, how far the run got before)."""
-    done = final_step - start_step
-    if start_step:
-        return (f"Done: step {final_step}; this run did {done} steps (resumed at step "
-                f"{start_step}) in {seconds:.0f} s.")
-    return f"Done: {final_step} steps in {seconds:.0f} s."

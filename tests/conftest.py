@@ -22,6 +22,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# pytest is this program's entry point, not an absl app: absl's flags keep their defaults, as
+# the input pipeline's Grain worker processes need them parsed (mosaic_jax.data.input_pipeline).
+flags.FLAGS.mark_as_parsed()
 
 
 def hide_packages_source(names: tuple[str, ...]) -> str:
@@ -107,3 +112,29 @@ def exported_dir(trained_workdir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("export_out") / "export")
     exporter.export_workdir(trained_workdir[0], out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points run as a person runs them (a subprocess on the CPU, this checkout first on the path)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra):
+    """The environment of a subprocess run: CPU only, this checkout first on the path."""
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, **extra)
+
+
+def run_python(args, timeout=600, **env):
+    """``python ARGS`` in the repository root; the CompletedProcess with text output."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(stderr):
+    """The ``error:`` lines of an entry point's stderr (data_builders/cli_errors.py)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]

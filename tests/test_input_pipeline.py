@@ -522,6 +522,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
 def test_workers_exit_when_the_trainer_is_killed():
     script = (f"import sys, time; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+              "from absl import flags; flags.FLAGS.mark_as_parsed()\n"
               "from test_input_pipeline import make_source, train_ds\n"
               "it = iter(train_ds(make_source(16), worker_count=2)); next(it)\n"
               "print('ready', flush=True); time.sleep(600)\n")
@@ -542,3 +543,16 @@ def test_workers_exit_when_the_trainer_is_killed():
         for pid in workers | _live_descendants(trainer.pid):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_worker_processes_need_the_program_to_parse_absl_flags(monkeypatch):
+    # The library does not change absl's global flags; it says what the program must do.
+    import types
+
+    from absl import flags
+
+    unparsed = types.SimpleNamespace(FLAGS=flags.FlagValues())  # as in a plain script
+    monkeypatch.setattr(ip, "flags", unparsed)
+    with pytest.raises(ValueError, match="worker_count=2 starts Grain worker processes.*"
+                       "mark_as_parsed"):
+        train_ds(make_source(16), worker_count=2)

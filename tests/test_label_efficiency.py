@@ -44,11 +44,11 @@ def test_runs_are_placed_by_the_labels_they_used(tmp_path):
                     train_mode="linear_probe")
     row = label_efficiency.run_point(probe, {}, dataset="d", workdir="w",
                                      pretraining={"objective": "simclr"})
-    assert (row["line"], row["objective"]) == ("simclr linear probe", "simclr")
+    assert (row["line"], row["objective"]) == ("simclr, linear probe", "simclr")
     assert row["labelled_fraction"] == pytest.approx(0.02)
     row = label_efficiency.run_point(_config("supervised", init_from="runs/x/"), {},
                                      dataset="d", workdir="w")
-    assert row["line"] == "x fine-tune"
+    assert row["line"] == "x, fine-tune"
 
 
 def test_report_draws_one_line_per_objective_when_fractions_differ(tmp_path):
@@ -76,7 +76,7 @@ def test_report_draws_one_line_per_objective_when_fractions_differ(tmp_path):
     for r in rows:
         by_line.setdefault(r["line"], []).append(float(r["labelled_fraction"]))
     assert by_line == {"mosaic1": [0.1, 0.3, 1.0], "supervised": [0.1, 0.3, 0.3, 1.0],
-                       "simclr linear probe": [0.5]}
+                       "simclr, linear probe": [0.5]}
     row = next(r for r in rows if r["workdir"].endswith("mosaic1_0.3"))
     assert float(row["macro_ap"]) == expected["mosaic1", 0.3]
     assert float(row["micro_ap"]) == pytest.approx(expected["mosaic1", 0.3] + 0.05)

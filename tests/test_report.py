@@ -10,6 +10,7 @@ import pytest
 
 from mosaic_jax.evaluation import report
 from mosaic_jax.evaluation.metrics import multilabel_metrics
+from mosaic_jax.training import configuration
 
 pytestmark = pytest.mark.slow  # the integration tier: whole-program runs
 
@@ -178,3 +179,42 @@ def test_names_override_and_two_identical_names_are_refused(runs, tmp_path):
     assert [r.method for r in result["runs"]] == ["A", "B"]
     with pytest.raises(ValueError, match="both named"):
         report.write_report([runs[1], runs[1]], str(tmp_path / "rep2"))
+
+
+def _demo_metrics(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random((30, 19)) < 0.3
+    probs = np.clip(0.5 * labels + 0.6 * rng.random(labels.shape), 0, 1)
+    return {"step": 10, "split": "validation", **multilabel_metrics(probs, labels)}
+
+
+def _config_run_dir(root, name, objective, **config_keys):
+    config = json.loads(configuration.base_config(objective).to_json())
+    config.update(config_keys)
+    workdir = root / name
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(config))
+    (workdir / "metrics_validation.json").write_text(json.dumps(_demo_metrics(len(name))))
+    return str(workdir)
+
+
+def test_report_names_downstream_runs_and_marks_untrained_classifiers(tmp_path):
+    pre = _config_run_dir(tmp_path, "demo", "mosaic1")
+    probe = _config_run_dir(tmp_path, "demo_probe", "supervised", init_from=pre,
+                            train_mode="linear_probe")
+    tune = _config_run_dir(tmp_path, "demo_ft", "supervised", init_from=pre,
+                           train_mode="full")
+    simclr = _config_run_dir(tmp_path, "dual", "dual_simclr")
+    result = report.write_report([pre, probe, tune, simclr], str(tmp_path / "out"))
+    names = [r.method for r in result["runs"]]
+    assert names == ["mosaic1", "mosaic1, linear probe", "mosaic1, fine-tune",
+                     "dual_simclr (classifier untrained)"]
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| dual_simclr"))
+    assert row.count("untrained") == 5  # the name and the four AP / F1 columns
+    assert "supervised" not in md
+    with open(tmp_path / "out" / "comparison.csv") as f:
+        trained = {r["method"]: r["classifier_trained"] for r in csv.DictReader(f)}
+    assert trained["dual_simclr (classifier untrained)"] == "False"
+    assert trained["mosaic1, linear probe"] == "True"
+

@@ -232,6 +232,13 @@ def test_self_supervised_runs_point_to_the_linear_probe():
     assert "--config=configs/linear_probe.py --config.init_from=gs://b/r " in hint
 
 
+def test_a_bce_term_of_weight_zero_also_points_to_the_linear_probe():
+    # The report calls such a run's classifier untrained; the closing hint agrees.
+    config = load_config("mosaic1")
+    config.loss.weights.bce = 0.0
+    assert "does not train the classifier" in train.linear_probe_hint(config, "runs/m")
+
+
 def test_unknown_config_argument_is_rejected():
     with pytest.raises(ValueError, match="unknown config argument 'dmeo'"):
         load_config("mosaic1", "dmeo")

@@ -151,11 +151,27 @@ def normalize(
     elif out.shape != shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
     clip = datasets.get(dataset).s1_clip_db if modality == "s1" else None
+    return standardize(x[..., idx], mean, std, clip, out=out)
+
+
+def standardize(x: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                clip: Sequence[float] | None = None, *, out: np.ndarray | None = None
+                ) -> np.ndarray:
+    """float32 [..., c]: ``(clip(x) - mean) / std`` per band (last axis); ``clip`` (lo, hi) in
+    the input's units, or None. The one home of the normalisation formula: the training input
+    (`normalize`) and the scene mapper (`mosaic_jax.inference.scene_windows`, with the
+    statistics of an export's ``model.json``) both call it.
+
+    ``out``: optional C-contiguous float32 buffer of ``x``'s shape to write into."""
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
+    if out is None:
+        out = np.empty(np.shape(x), np.float32)
     if clip is None:
-        # One pass over the selected channels (cast inside the ufunc), one in-place division.
-        np.subtract(x[..., idx], mean, out=out, dtype=np.float32)
+        # One pass over the channels (cast inside the ufunc), one in-place division.
+        np.subtract(x, mean, out=out, dtype=np.float32)
     else:
-        out[...] = x[..., idx]
+        out[...] = x
         np.clip(out, clip[0], clip[1], out=out)
         out -= mean
     out /= std

@@ -451,7 +451,10 @@ def make_train_dataset(
         label_mask False and zeroed labels).
       subset_seed: seed of the patch_id hash.
       process_index, process_count: this process's slice; default jax.process_index/count().
-      worker_count: Grain worker processes (0: threads in this process only).
+      worker_count: Grain worker processes (0: threads in this process only). Grain reads its
+        absl flags when it starts them, so the program must have parsed absl's flags (an absl
+        app, as ``python -m mosaic_jax.main``; in a plain script or test,
+        ``absl.flags.FLAGS.mark_as_parsed()`` at start-up): ValueError otherwise.
       prefetch_buffer: local batches prefetched (per worker when worker_count > 0).
 
     Returns:
@@ -485,9 +488,7 @@ def make_train_dataset(
         _TrainBatch(source, order, kept, labelled, norm, global_batch_size, b, p)
     )
     if worker_count > 0:
-        # Grain's worker processes read absl flags; outside an absl app nobody parses them.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
+        _require_parsed_flags(worker_count)
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
         return it.mp_prefetch(
             grain.MultiprocessingOptions(
@@ -496,6 +497,16 @@ def make_train_dataset(
             worker_init_fn=exit_with_parent,
         )
     return ds.to_iter_dataset(_read_options(prefetch_buffer))
+
+
+def _require_parsed_flags(worker_count: int) -> None:
+    """Grain reads absl flags (its ``grain_*`` options) when it starts worker processes; the
+    program, not this library, decides whether absl's flags are parsed."""
+    if not flags.FLAGS.is_parsed():
+        raise ValueError(
+            f"worker_count={worker_count} starts Grain worker processes, which read absl "
+            "flags, but this program has not parsed them: run it as an absl app "
+            "(absl.app.run) or call absl.flags.FLAGS.mark_as_parsed() at start-up")
 
 
 def make_eval_dataset(

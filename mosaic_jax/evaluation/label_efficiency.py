@@ -4,8 +4,8 @@ A run's *labelled fraction* is ``data.train_fraction * data.label_fraction`` fro
 ``config.json``: the share of the training split whose labels the run read (the labelled
 subsets are nested, see `mosaic_jax.data.input_pipeline`). Linear-probe and fine-tune runs are
 placed by their own config, i.e. the labels the downstream training used, and drawn as lines
-of their own ("mosaic1 linear probe", named after the pretraining run's objective when its
-``config.json`` is readable).
+of their own, named as the report names runs ("mosaic1, linear probe": the pretraining run's
+objective when its ``config.json`` is readable; `mosaic_jax.training.workdir.run_name`).
 
 `curve_rows` (pure: run descriptions in, rows out) is what `mosaic_jax.evaluation.report`
 calls through `report_files` when the given workdirs differ in labelled fraction; it then writes
@@ -17,22 +17,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from mosaic_jax.training import workdir as workdir_files
 
 CSV_FILE = "label_efficiency.csv"
 PNG_FILE = "label_efficiency.png"
 COLUMNS = ("line", "objective", "protocol", "dataset", "labelled_fraction", "train_fraction",
            "label_fraction", "macro_ap", "micro_ap", "workdir")
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def run_point(config: Mapping[str, Any], metrics: Mapping[str, Any], *, dataset: str,
@@ -50,12 +43,9 @@ def run_point(config: Mapping[str, Any], metrics: Mapping[str, Any], *, dataset:
     if not init_from:
         protocol, line = "pretraining", objective
     else:
-        protocol = ("linear probe" if config.get("train_mode") == "linear_probe"
-                    else "fine-tune")
-        source = (pretraining or {}).get("objective") or os.path.basename(
-            os.path.normpath(init_from))
-        objective = str(source)
-        line = f"{source} {protocol}"
+        protocol = workdir_files.protocol_name(config.get("train_mode") or "full")
+        objective = workdir_files.pretraining_name(init_from, pretraining)
+        line = workdir_files.run_name(config, workdir, pretraining)
     return {"line": line, "objective": objective, "protocol": protocol, "dataset": dataset,
             "labelled_fraction": train_fraction * label_fraction,
             "train_fraction": train_fraction, "label_fraction": label_fraction,
@@ -68,14 +58,11 @@ def curve_rows(runs: Sequence[Any]) -> list[dict[str, Any]]:
     ``config.json``, sorted by line, dataset and fraction."""
     rows = []
     for run in runs:
-        config = _read_json(os.path.join(run.workdir, "config.json"))
+        config = workdir_files.read_config(run.workdir)
         if config is None:
             continue
-        init_from = config.get("init_from") or ""
-        pretraining = (_read_json(os.path.join(os.path.expanduser(init_from), "config.json"))
-                       if init_from and "://" not in init_from else None)
         rows.append(run_point(config, run.metrics, dataset=run.dataset, workdir=run.workdir,
-                              pretraining=pretraining))
+                              pretraining=workdir_files.read_pretraining(config)))
     return sorted(rows, key=lambda r: (r["line"], r["dataset"], r["labelled_fraction"]))
 
 

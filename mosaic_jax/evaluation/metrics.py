@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from mosaic_jax.evaluation.tables import markdown_table
+
 __all__ = [
     "average_precision_per_class",
     "multilabel_metrics",
@@ -212,26 +214,15 @@ def format_metrics_markdown(metrics: dict[str, Any], class_names: Sequence[str])
         ("Hamming loss", "hamming_loss"),
         ("Brier score", "brier"),
     ]
-    lines = ["| metric | value |", "|---|---:|"]
-    for label, key in headline:
-        if key in metrics:
-            lines.append(f"| {label} | {_fmt(metrics[key])} |")
+    rows = [(label, _fmt(metrics[key])) for label, key in headline if key in metrics]
     if "threshold" in metrics:
-        lines.append(f"| decision threshold | {_fmt(metrics['threshold'], 2)} |")
-    lines += [
-        "",
-        "| class | positives | AP | F1 | Hamming | Brier |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+        rows.append(("decision threshold", _fmt(metrics["threshold"], 2)))
     positives = metrics.get("positives_per_class", [None] * num_classes)
-    for i, name in enumerate(class_names):
-        cells = [
-            str(name).replace("|", "\\|"),
-            _fmt(positives[i]),
-            _fmt(metrics["ap_per_class"][i]),
-            _fmt(metrics["f1_per_class"][i]),
-            _fmt(metrics["hamming_loss_per_class"][i]),
-            _fmt(metrics["brier_per_class"][i]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    per_class = [
+        (name, _fmt(positives[i]), _fmt(metrics["ap_per_class"][i]),
+         _fmt(metrics["f1_per_class"][i]), _fmt(metrics["hamming_loss_per_class"][i]),
+         _fmt(metrics["brier_per_class"][i]))
+        for i, name in enumerate(class_names)]
+    return (markdown_table(("metric", "value"), rows, ("left", "right")) + "\n"
+            + markdown_table(("class", "positives", "AP", "F1", "Hamming", "Brier"), per_class,
+                             ("left", *["right"] * 5)))

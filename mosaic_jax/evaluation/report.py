@@ -46,9 +46,9 @@ from typing import Any
 import numpy as np
 
 from data_builders import atomic_files, cli_errors, console, datasets
-from mosaic_jax import objectives
 from mosaic_jax.evaluation import label_efficiency, retrieval
-from mosaic_jax.training.checkpoints import CONFIG_FILE
+from mosaic_jax.evaluation.tables import markdown_table
+from mosaic_jax.training import workdir as workdir_files
 
 HEADLINE = (("macro_ap", "macro AP"), ("micro_ap", "micro AP"), ("macro_f1", "macro F1"),
             ("micro_f1", "micro F1"))
@@ -72,37 +72,12 @@ class Run:
     classifier_trained: bool = True
 
 
-PROTOCOLS = {"linear_probe": "linear probe", "full": "fine-tune"}
-
-
-def _pretraining_name(init_from: str) -> str:
-    """The objective of the pretraining workdir `init_from` (its folder name when unreadable)."""
-    try:
-        with open(os.path.join(os.path.expanduser(init_from), CONFIG_FILE)) as f:
-            objective = json.load(f).get("objective")
-    except (OSError, ValueError):
-        objective = None
-    return objective or os.path.basename(os.path.normpath(init_from))
-
-
 def method_name(config: dict[str, Any], workdir: str) -> str:
     """A run's method name from its config.json contents (see the module docstring)."""
-    init_from = config.get("init_from") or ""
-    if init_from:
-        mode = config.get("train_mode", "full")
-        return f"{_pretraining_name(init_from)}, {PROTOCOLS.get(mode, mode)}"
-    name = config.get("objective") or os.path.basename(workdir)
-    return name if classifier_trained(config) else f"{name} (classifier untrained)"
-
-
-def classifier_trained(config: dict[str, Any]) -> bool:
-    """Whether the run's objective trains the classifier (has a BCE term of weight > 0); True
-    when the objective is unknown (nothing to say against its numbers)."""
-    objective = config.get("objective")
-    if objective not in objectives.OBJECTIVES:
-        return True
-    weight = config.get("loss", {}).get("weights", {}).get("bce", 1.0)
-    return "bce" in objectives.terms_of(objective) and weight > 0
+    name = workdir_files.run_name(config, workdir, workdir_files.read_pretraining(config))
+    if config.get("init_from") or workdir_files.classifier_trained(config):
+        return name
+    return f"{name} (classifier untrained)"
 
 
 def _slug(text: str) -> str:
@@ -114,13 +89,13 @@ def load_run(workdir: str, split: str = "validation") -> Run:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-    path = os.path.join(workdir, f"metrics_{split}.json")
+    name = workdir_files.metrics_file(split)
+    path = os.path.join(workdir, name)
     if not os.path.isfile(path):
-        found = sorted(n[len("metrics_"):-len(".json")] for n in os.listdir(workdir)
-                       if n.startswith("metrics_") and n.endswith(".json"))
+        found = workdir_files.metrics_splits(os.listdir(workdir))
         hint = (f"it has metrics for split(s) {', '.join(found)}; pass --split" if found else
                 "has the run finished its evaluation?")
-        raise FileNotFoundError(f"workdir {workdir!r} has no metrics_{split}.json ({hint})")
+        raise FileNotFoundError(f"workdir {workdir!r} has no {name} ({hint})")
     with open(path) as f:
         metrics = json.load(f)
     missing = [k for k, _ in HEADLINE if k not in metrics]
@@ -128,13 +103,10 @@ def load_run(workdir: str, split: str = "validation") -> Run:
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: not a mosaic_jax metrics file?")
     num_classes = len(metrics["ap_per_class"])
-    config_path = os.path.join(workdir, CONFIG_FILE)
     objective = None
     dataset = "unknown dataset"
-    config = {}
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
+    config = workdir_files.read_config(workdir) or {}
+    if config:
         objective = config.get("objective")
         data = config.get("data", {})
         dataset = data.get("name", dataset)
@@ -143,11 +115,11 @@ def load_run(workdir: str, split: str = "validation") -> Run:
     facts = datasets.DATASETS.get(dataset.split(" ")[0])
     names = (list(facts.class_names) if facts and facts.num_classes == num_classes
              else [f"class {i}" for i in range(num_classes)])
-    tsne = os.path.join(workdir, f"tsne_{split}.png")
+    tsne = os.path.join(workdir, workdir_files.tsne_file(split))
     return Run(workdir=workdir, method=method_name(config, workdir), dataset=dataset,
                split=split, metrics=metrics, class_names=names,
                tsne=tsne if os.path.isfile(tsne) else None, objective=objective,
-               classifier_trained=classifier_trained(config))
+               classifier_trained=workdir_files.classifier_trained(config))
 
 
 def _name_runs(runs: list[Run], names: Sequence[str] | None) -> None:
@@ -191,13 +163,6 @@ def _to_csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
-    esc = [[str(c).replace("|", "\\|") for c in row] for row in [header, *rows]]
-    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in esc[1:]]
-    return "\n".join(lines) + "\n"
-
-
 def _datasets(runs: list[Run]) -> list[str]:
     return list(dict.fromkeys(r.dataset for r in runs))
 
@@ -229,7 +194,8 @@ def comparison_table(runs: list[Run]) -> tuple[str, str]:
         md_rows.append(cells)
     md_header = ["method", "dataset", "samples", *(label for _, label in HEADLINE),
                  "chance macro AP"]
-    md = _md_table(md_header, md_rows, ["---", "---", "---:", *["---:"] * (len(keys) + 1)])
+    md = markdown_table(md_header, md_rows,
+                        ["left", "left", "right", *["right"] * (len(keys) + 1)])
     return md, _to_csv(header, rows)
 
 
@@ -248,7 +214,7 @@ def per_class_tables(runs: list[Run], key: str) -> tuple[str, dict[str, str]]:
         csvs[dataset] = _to_csv(header, rows)
         md_rows = [[row[0], *(_cell(v) for v in row[1:])] for row in rows]
         md_parts.append(f"### {dataset}\n\n"
-                        + _md_table(header, md_rows, ["---", *["---:"] * len(group)]))
+                        + markdown_table(header, md_rows, ["left", *["right"] * len(group)]))
     return "\n".join(md_parts), csvs
 
 

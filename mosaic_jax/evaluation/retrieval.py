@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_builders import atomic_files
+from mosaic_jax.evaluation.tables import markdown_table, table_lines
 from mosaic_jax.inference.embed import embed_split
 
 MODES: dict[str, tuple[str, str]] = {
@@ -396,20 +397,20 @@ def results_markdown(result: Mapping[str, Any]) -> str:
             "Jaccard overlap of the label sets")
     lines = [f"# Retrieval ({result.get('query', 'query')} -> {result.get('archive', 'archive')})",
              "", f"Cosine similarity; relevant = shares at least one label; NDCG gain 2^g - 1 "
-             f"with g the {gain}; {result['num_archive']} archive patches.", "",
-             "| mode | queries | " + " | ".join(cols) + " |",
-             "|---|---:|" + "---:|" * len(cols)]
-    for mode, r in result["modes"].items():
-        lines.append(f"| {mode} | {r['num_queries'] - r['num_queries_without_labels']} | "
-                     + " | ".join(_fmt(r["overall"][c]) for c in cols) + " |")
+             f"with g the {gain}; {result['num_archive']} archive patches.", ""]
+    align = ["left", *["right"] * (len(cols) + 1)]
+    lines += table_lines(
+        ["mode", "queries", *cols],
+        [[mode, r["num_queries"] - r["num_queries_without_labels"],
+          *(_fmt(r["overall"][c]) for c in cols)] for mode, r in result["modes"].items()],
+        align)
     for mode, r in result["modes"].items():
         lines += ["", f"## Per class, mode {mode} ({r['query_output']} -> "
-                  f"{r['archive_output']})", "",
-                  "| class | queries | " + " | ".join(cols) + " |",
-                  "|---|---:|" + "---:|" * len(cols)]
-        for name, row in r["per_class"].items():
-            lines.append(f"| {name} | {row['num_queries']} | "
-                         + " | ".join(_fmt(row[c]) for c in cols) + " |")
+                  f"{r['archive_output']})", ""]
+        lines += table_lines(
+            ["class", "queries", *cols],
+            [[name, row["num_queries"], *(_fmt(row[c]) for c in cols)]
+             for name, row in r["per_class"].items()], align)
     return "\n".join(lines) + "\n"
 
 
@@ -446,11 +447,10 @@ def report_table(named: Sequence[tuple[str, str, Mapping[str, Any]]]) -> tuple[s
     writer.writerow(["method", "dataset", "mode", "query", "archive", *cols])
     writer.writerows([[*row[:5], *("" if v is None else repr(v) for v in row[5:])]
                       for row in rows])
-    md = ["| method | dataset | mode | " + " | ".join(cols) + " |",
-          "|---|---|---|" + "---:|" * len(cols)]
-    md += [f"| {row[0]} | {row[1]} | {row[2]} | " + " | ".join(_fmt(v) for v in row[5:]) + " |"
-           for row in rows]
-    return "\n".join(md) + "\n", buf.getvalue()
+    md = markdown_table(["method", "dataset", "mode", *cols],
+                        [[*row[:3], *(_fmt(v) for v in row[5:])] for row in rows],
+                        ["left"] * 3 + ["right"] * len(cols))
+    return md, buf.getvalue()
 
 
 def report_files(runs: Sequence[Any]) -> tuple[dict[str, str], str | None]:

@@ -6,7 +6,7 @@ structure and every labelled point gets exactly one colour. Points with no label
 translucent black. Legend counts are the points drawn in each colour.
 
 Uses matplotlib's object-oriented API on an Agg canvas (no pyplot, no display, no global
-backend switch), and writes the PNG atomically (`mosaic_jax.atomic_files`: local paths and
+backend switch), and writes the PNG atomically (`data_builders.atomic_files`: local paths and
 gs:// URLs), so a reader never sees a half-written picture. The figure says what it shows
 (the title names the embedding; a caption the colouring), and `plot_tsne` returns the picture
 as an [H, W, 3] uint8 array for TensorBoard.
@@ -89,12 +89,27 @@ def plot_tsne(
       title: figure title, naming the embedding (default: "t-SNE of N embeddings"); a
         caption under the plot says how points are coloured.
     """
-    # matplotlib, sklearn: heavy, only to draw
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from sklearn.manifold import TSNE
+    embeddings, labels = _checked_inputs(embeddings, labels, class_names, max_points)
+    rng = np.random.default_rng(seed)
+    n_total = embeddings.shape[0]
+    if n_total > max_points:
+        idx = np.sort(rng.choice(n_total, size=max_points, replace=False))
+    else:
+        idx = np.arange(n_total)
+    x = embeddings[idx]
+    y = labels[idx].astype(bool)
+    xy = _tsne_2d(x, seed)
+    fig = _scatter_figure(xy, dominant_label(y), class_names,
+                          title or f"t-SNE of {x.shape[0]} embeddings")
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    with atomic_files.open_atomic(path) as f:
+        fig.savefig(f, format="png")
+    return image
 
+
+def _checked_inputs(embeddings: Any, labels: Any, class_names: Sequence[str],
+                    max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 [N, d] embeddings, [N, C] labels); ValueError saying what does not fit."""
     embeddings = np.asarray(embeddings)
     labels = np.asarray(labels)
     if embeddings.ndim != 2:
@@ -110,33 +125,37 @@ def plot_tsne(
         )
     if max_points < 2:
         raise ValueError(f"max_points must be >= 2; got {max_points}")
-    n_total = embeddings.shape[0]
-    if n_total < 2:
+    if embeddings.shape[0] < 2:
         raise ValueError(f"t-SNE needs at least 2 points; got embeddings {embeddings.shape}")
     embeddings = embeddings.astype(np.float64, copy=False)
     if not np.isfinite(embeddings).all():
         raise ValueError("embeddings contain NaN or infinite values")
+    return embeddings, labels
 
-    rng = np.random.default_rng(seed)
-    if n_total > max_points:
-        idx = np.sort(rng.choice(n_total, size=max_points, replace=False))
-    else:
-        idx = np.arange(n_total)
-    x = embeddings[idx]
-    y = labels[idx].astype(bool)
+
+def _tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
+    """``[n, 2]`` t-SNE coordinates of ``x [n, d]`` (perplexity at most 30, PCA start)."""
+    from sklearn.manifold import TSNE  # heavy, only to draw
+
     n = x.shape[0]
-
-    perplexity = min(30.0, (n - 1) / 3.0)
     tsne = TSNE(
         n_components=2,
-        perplexity=perplexity,
+        perplexity=min(30.0, (n - 1) / 3.0),
         init="pca" if min(x.shape) >= 2 else "random",
         learning_rate="auto",
         random_state=seed,
     )
-    xy = tsne.fit_transform(x)
+    return tsne.fit_transform(x)
 
-    cls = dominant_label(y)
+
+def _scatter_figure(xy: np.ndarray, cls: np.ndarray, class_names: Sequence[str],
+                    title: str) -> Any:
+    """The drawn figure: points coloured by dominant class `cls` [n] (-1: no label), a legend
+    of the classes present with their counts, `title` and the caption."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy, only to draw
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
     colors = _class_colors(len(class_names))
     fig = Figure(figsize=(9.0, 6.5), dpi=100)
     FigureCanvasAgg(fig)
@@ -160,7 +179,7 @@ def plot_tsne(
     ax.set_xticks([])
     ax.set_yticks([])
     # A figure title (not the axes'), so that a long one is centred on the whole picture.
-    fig.suptitle(title or f"t-SNE of {n} embeddings", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     if handles:
         ax.legend(
             handles=handles,
@@ -172,10 +191,7 @@ def plot_tsne(
     fig.tight_layout(rect=(0.0, 0.04, 1.0, 0.96))
     fig.text(0.01, 0.012, CAPTION, fontsize=7)
     fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    with atomic_files.open_atomic(path) as f:
-        fig.savefig(f, format="png")
-    return image
+    return fig
 
 
 def _legend_handle(line_cls: Any, color: Any, label: str) -> Any:

@@ -55,6 +55,7 @@ from mosaic_jax.export import EMBEDDER_FILE, FORMAT_VERSION, MODEL_FILE, PARAMS_
 from mosaic_jax.export.torchvision_resnet import RUNNING_VAR_NOTE, resnet_state_dict
 from mosaic_jax.models.towers import CONVNEXT_NAMES, RESNET_DEPTHS, encoder_num_features
 from mosaic_jax.training import checkpoints
+from mosaic_jax.training import workdir as workdir_files
 
 
 def _input_spec(config: Any) -> dict[str, Any]:
@@ -173,6 +174,145 @@ def _move_into_place(tmp: str, output: str) -> None:
         os.rename(tmp, output)
 
 
+def _write_embedder(tmp: str, config: Any, variables: Mapping[str, Any], size: int,
+                    platforms: Sequence[str]) -> tuple[jax.export.Exported, dict[str, Any]]:
+    """Writes ``embedder.jax_export``; returns it and ``model.json``'s description of its
+    outputs (shape with the symbolic batch ``b``, dtype, description)."""
+    exported, described = export_embedder(config, variables, size, platforms)
+    with open(os.path.join(tmp, EMBEDDER_FILE), "wb") as f:
+        f.write(exported.serialize())
+    out_avals = jax.tree.unflatten(exported.out_tree, exported.out_avals)
+    outputs = {k: {"shape": ["b", *(int(s) for s in aval.shape[1:])],
+                   "dtype": str(aval.dtype), "description": described[k]}
+               for k, aval in out_avals.items()}
+    return exported, outputs
+
+
+def _save_encoder(tmp: str, filename: str, tensors: dict[str, Any], info: dict[str, Any]
+                  ) -> None:
+    """One safetensors file, `info` as its metadata (non-strings JSON-encoded)."""
+    import safetensors.numpy
+
+    metadata = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in info.items()}
+    metadata["format"] = "pt"
+    safetensors.numpy.save_file(tensors, os.path.join(tmp, filename), metadata=metadata)
+
+
+def _resnet_encoder(config: Any, variables: Mapping[str, Any], inputs: Mapping[str, Any],
+                    step: int, entry: tuple[str, str, str], modality: str
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(torchvision-named tensors, ``model.json`` entry) of one ResNet encoder."""
+    subtree, name, filename = entry
+    m = config.model
+    classifier = variables["params"]["classifier"] if m.kind == "single_tower" else None
+    tensors = resnet_state_dict(variables["params"][subtree],
+                                variables["batch_stats"].get(subtree, {}),
+                                num_batches_tracked=step, classifier=classifier)
+    width = int(tensors["conv1.weight"].shape[0])
+    depth = RESNET_DEPTHS[name]
+    info = {
+        "file": filename, "architecture": name, "depth": depth,
+        "block": "Bottleneck" if depth == 50 else "BasicBlock",
+        "width": width, "in_channels": int(tensors["conv1.weight"].shape[1]), "stem": m.stem,
+        "maxpool": m.stem == "standard",
+        "num_features": encoder_num_features(name, m.width_multiplier),
+        "fc": classifier is not None,
+        "bands": _encoder_bands(inputs, modality),
+        "input_size": int(config.augment.out_size),
+        "torchvision_compatible": width == 64,
+        "running_var": RUNNING_VAR_NOTE,
+    }
+    return tensors, info
+
+
+def _convnext_encoder(config: Any, variables: Mapping[str, Any], inputs: Mapping[str, Any],
+                      entry: tuple[str, str, str], modality: str
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(timm-named tensors, ``model.json`` entry) of one ConvNeXt-V2 encoder."""
+    subtree, name, filename = entry
+    tensors = timm_convnext.timm_state_dict(
+        variables["params"][subtree],
+        conv_mlp=CONVNEXT_NAMES[name] in timm_convnext.CONV_MLP_VARIANTS,
+        classifier=(variables["params"]["classifier"] if config.model.kind == "single_tower"
+                    else None))
+    info = timm_convnext.encoder_info(name, tensors, filename=filename,
+                                      bands=_encoder_bands(inputs, modality),
+                                      input_size=int(config.augment.out_size))
+    return tensors, info
+
+
+def _encoder_bands(inputs: Mapping[str, Any], modality: str) -> list[str]:
+    """The input bands of an encoder in channel order (``s1s2``: S1's, then S2's)."""
+    if modality == "s1s2":
+        return inputs["s1"]["bands"] + inputs["s2"]["bands"]
+    return inputs[modality]["bands"]
+
+
+def _write_encoders(tmp: str, config: Any, variables: Mapping[str, Any],
+                    inputs: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """Writes the safetensors encoders (ResNet: torchvision names, ConvNeXt-V2: timm names);
+    returns ``model.json["encoders"]`` (modality -> entry)."""
+    entries = _encoder_entries(config)
+    convnext_entries = _encoder_entries(config, CONVNEXT_NAMES)
+    if entries or convnext_entries:
+        try:
+            import safetensors.numpy  # noqa: F401  (optional: only for the encoder files)
+        except ImportError as e:
+            raise ImportError("writing the encoders needs the safetensors package: "
+                              "pip install safetensors") from e
+    encoders = {}
+    for modality, entry in entries.items():
+        tensors, info = _resnet_encoder(config, variables, inputs, step, entry, modality)
+        _save_encoder(tmp, entry[2], tensors, info)
+        encoders[modality] = info
+    for modality, entry in convnext_entries.items():
+        tensors, info = _convnext_encoder(config, variables, inputs, entry, modality)
+        _save_encoder(tmp, entry[2], tensors, info)
+        encoders[modality] = info
+    return encoders
+
+
+def _model_info(run: checkpoints.RestoredRun, size: int, inputs: dict[str, Any],
+                exported: jax.export.Exported, outputs: dict[str, Any],
+                encoders: dict[str, Any]) -> dict[str, Any]:
+    """``model.json``: the source run, the model, its inputs and every file of the export."""
+    config = run.config
+    d, m = config.data, config.model
+    facts = datasets.get(d.name)
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": {"workdir": run.workdir, "step": run.step},
+        "objective": config.objective,
+        "dataset": d.name,
+        "demo_data": bool(d.get("demo", False)),
+        "num_classes": facts.num_classes,
+        "class_names": list(facts.class_names),
+        "model": m.to_dict(),
+        "inputs": inputs,
+        "normalization": "x_normalised = (clip(x) - mean) / std per band, in the units "
+                         "given; clip only where clip_db is set (S1 dB range)",
+        "layout": "NHWC float32",
+        "input_size": size,
+        "model_input_size": int(config.augment.out_size),
+        "resize": "central square crop of the full patch, bilinear resize to "
+                  "model_input_size (mosaic_jax.data.augment.center_resize); done inside the "
+                  "embedder",
+        "embedder": {"file": EMBEDDER_FILE, "args": ["s1", "s2"],
+                     "arg_shapes": [["b", size, size, len(inputs["s1"]["bands"])],
+                                    ["b", size, size, len(inputs["s2"]["bands"])]],
+                     "outputs": outputs, "platforms": list(exported.platforms),
+                     "jax_version": jax.__version__,
+                     "loader": "mosaic_jax.export.load_embedder(export_dir)"},
+        "embedding_key": "embedding",
+        "embedding_keys": sorted(outputs),
+        "params": {"file": PARAMS_FILE, "keys": ["params", "batch_stats"],
+                   "format": "flax.serialization.to_bytes (msgpack)",
+                   "rebuild": "mosaic_jax.models.create_model(ml_collections.ConfigDict("
+                              "config.json)) with the same config"},
+        "encoders": encoders,
+    }
+
+
 def export_workdir(workdir: str, output: str, *, step: int | None = None,
                    input_size: int | None = None,
                    platforms: Sequence[str] = ("cpu", "cuda", "tpu")) -> dict[str, Any]:
@@ -185,10 +325,7 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
     _check_output_dir(output)
     run = checkpoints.restore_variables(workdir, step)
     checkpoints.require_finite(run)
-    config = run.config
-    d, m = config.data, config.model
-    facts = datasets.get(d.name)
-    size = int(input_size or facts.patch_size)
+    size = int(input_size or datasets.get(run.config.data.name).patch_size)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
@@ -197,103 +334,13 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
                      "batch_stats": run.variables.get("batch_stats", {})}
         with open(os.path.join(tmp, PARAMS_FILE), "wb") as f:
             f.write(flax.serialization.to_bytes(variables))
-
-        exported, described = export_embedder(config, variables, size, platforms)
-        with open(os.path.join(tmp, EMBEDDER_FILE), "wb") as f:
-            f.write(exported.serialize())
-        out_avals = jax.tree.unflatten(exported.out_tree, exported.out_avals)
-        outputs = {k: {"shape": ["b", *(int(s) for s in aval.shape[1:])],
-                       "dtype": str(aval.dtype), "description": described[k]}
-                   for k, aval in out_avals.items()}
-
-        encoders = {}
-        inputs = _input_spec(config)
-        entries = _encoder_entries(config)
-        convnext_entries = _encoder_entries(config, CONVNEXT_NAMES)
-        if entries or convnext_entries:
-            try:
-                import safetensors.numpy  # optional: only for the encoder files
-            except ImportError as e:
-                raise ImportError("writing the encoders needs the safetensors package: "
-                                  "pip install safetensors") from e
-        for modality, (subtree, name, filename) in entries.items():
-            classifier = (variables["params"]["classifier"] if m.kind == "single_tower"
-                          else None)
-            tensors = resnet_state_dict(variables["params"][subtree],
-                                        variables["batch_stats"].get(subtree, {}),
-                                        num_batches_tracked=run.step, classifier=classifier)
-            in_channels = int(tensors["conv1.weight"].shape[1])
-            width = int(tensors["conv1.weight"].shape[0])
-            depth = RESNET_DEPTHS[name]
-            info = {
-                "file": filename, "architecture": name, "depth": depth,
-                "block": "Bottleneck" if depth == 50 else "BasicBlock",
-                "width": width, "in_channels": in_channels, "stem": m.stem,
-                "maxpool": m.stem == "standard",
-                "num_features": encoder_num_features(name, m.width_multiplier),
-                "fc": classifier is not None,
-                "bands": (inputs["s1"]["bands"] + inputs["s2"]["bands"] if modality == "s1s2"
-                          else inputs[modality]["bands"]),
-                "input_size": int(config.augment.out_size),
-                "torchvision_compatible": width == 64,
-                "running_var": RUNNING_VAR_NOTE,
-            }
-            metadata = {k: json.dumps(v) if not isinstance(v, str) else v
-                        for k, v in info.items()}
-            metadata["format"] = "pt"
-            safetensors.numpy.save_file(tensors, os.path.join(tmp, filename), metadata=metadata)
-            encoders[modality] = info
-        for modality, (subtree, name, filename) in convnext_entries.items():
-            tensors = timm_convnext.timm_state_dict(
-                variables["params"][subtree],
-                conv_mlp=CONVNEXT_NAMES[name] in timm_convnext.CONV_MLP_VARIANTS,
-                classifier=(variables["params"]["classifier"] if m.kind == "single_tower"
-                            else None))
-            bands = (inputs["s1"]["bands"] + inputs["s2"]["bands"] if modality == "s1s2"
-                     else inputs[modality]["bands"])
-            info = timm_convnext.encoder_info(name, tensors, filename=filename, bands=bands,
-                                              input_size=int(config.augment.out_size))
-            metadata = {k: json.dumps(v) if not isinstance(v, str) else v
-                        for k, v in info.items()}
-            metadata["format"] = "pt"
-            safetensors.numpy.save_file(tensors, os.path.join(tmp, filename), metadata=metadata)
-            encoders[modality] = info
-
-        spatial = size
-        info: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "source": {"workdir": run.workdir, "step": run.step},
-            "objective": config.objective,
-            "dataset": d.name,
-            "demo_data": bool(d.get("demo", False)),
-            "num_classes": facts.num_classes,
-            "class_names": list(facts.class_names),
-            "model": m.to_dict(),
-            "inputs": inputs,
-            "normalization": "x_normalised = (clip(x) - mean) / std per band, in the units "
-                             "given; clip only where clip_db is set (S1 dB range)",
-            "layout": "NHWC float32",
-            "input_size": spatial,
-            "model_input_size": int(config.augment.out_size),
-            "resize": "central square crop of the full patch, bilinear resize to "
-                      "model_input_size (mosaic_jax.data.augment.center_resize); done inside the "
-                      "embedder",
-            "embedder": {"file": EMBEDDER_FILE, "args": ["s1", "s2"],
-                         "arg_shapes": [["b", spatial, spatial, len(inputs["s1"]["bands"])],
-                                        ["b", spatial, spatial, len(inputs["s2"]["bands"])]],
-                         "outputs": outputs, "platforms": list(exported.platforms),
-                         "jax_version": jax.__version__,
-                         "loader": "mosaic_jax.export.load_embedder(export_dir)"},
-            "embedding_key": "embedding",
-            "embedding_keys": sorted(described),
-            "params": {"file": PARAMS_FILE, "keys": ["params", "batch_stats"],
-                       "format": "flax.serialization.to_bytes (msgpack)",
-                       "rebuild": "mosaic_jax.models.create_model(ml_collections.ConfigDict("
-                                  "config.json)) with the same config"},
-            "encoders": encoders,
-        }
-        shutil.copyfile(os.path.join(run.workdir, checkpoints.CONFIG_FILE),
-                        os.path.join(tmp, "config.json"))
+        exported, outputs = _write_embedder(tmp, run.config, variables, size, platforms)
+        inputs = _input_spec(run.config)
+        encoders = _write_encoders(tmp, run.config, variables, inputs, run.step)
+        info = _model_info(run, size, inputs, exported, outputs, encoders)
+        # The run's config.json byte for byte (local or gs://).
+        with open(os.path.join(tmp, workdir_files.CONFIG_FILE), "wb") as f:
+            f.write(workdir_files.config_path(run.workdir).read_bytes())
         with open(os.path.join(tmp, MODEL_FILE), "w") as f:
             json.dump(info, f, indent=1)
         _move_into_place(tmp, output)

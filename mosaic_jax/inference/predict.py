@@ -24,7 +24,7 @@ with floating-point predictor, internal average overviews when the map is larger
 with one float32 band per class probability (band description = class name, nodata NaN); with
 ``--labels_threshold T`` a second COG ``<output>_labels.tif``, uint8 multi-hot (1 where p >= T,
 0 below, 255 nodata, nearest overviews); and a quick-look PNG ``<output>.png`` of chosen classes.
-Each file is written atomically (`mosaic_jax.atomic_files`). Reads and writes are windowed:
+Each file is written atomically (`data_builders.atomic_files`). Reads and writes are windowed:
 memory is bounded by the batch and one band of rows, not by the scene size.
 """
 

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mosaic_jax.data import bands
+
 
 def check_geometry(length: int, size: int, stride: int, *, axis: str = "scene") -> None:
     """ValueError unless ``1 <= stride <= size <= length`` (what `window_offsets` needs)."""
@@ -86,13 +88,9 @@ def window_valid_fractions(valid: np.ndarray, col_offsets: np.ndarray, size: int
 def normalise(x: np.ndarray, mean: Sequence[float], std: Sequence[float],
               clip: Sequence[float] | None = None) -> np.ndarray:
     """float32 [..., c]: ``(clip(x) - mean) / std`` per band (last axis), as the export's
-    ``model.json`` defines the embedder's input; ``clip`` (lo, hi) or None."""
-    out = np.array(x, dtype=np.float32, order="C")  # one (contiguous) copy
-    if clip is not None:
-        np.clip(out, clip[0], clip[1], out=out)
-    out -= np.asarray(mean, dtype=np.float32)
-    out /= np.asarray(std, dtype=np.float32)
-    return out
+    ``model.json`` defines the embedder's input; ``clip`` (lo, hi) or None. A new contiguous
+    array; the formula is `mosaic_jax.data.bands.standardize`'s."""
+    return bands.standardize(x, mean, std, clip)
 
 
 def accumulate(sums: np.ndarray, counts: np.ndarray, probs: np.ndarray,

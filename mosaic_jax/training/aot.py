@@ -37,6 +37,7 @@ from ml_collections import config_flags
 
 from data_builders import atomic_files
 from mosaic_jax import models
+from mosaic_jax.evaluation.tables import table_lines
 from mosaic_jax.training import configuration, train
 from mosaic_jax.training.configuration import validate_config
 
@@ -361,24 +362,18 @@ def format_report(report: dict[str, Any]) -> str:
                      _gib(mem["total"]), share,
                      "?" if flops is None else f"{flops / 1e12:.3f}",
                      {True: "yes", False: "NO", None: "unknown"}[p["fits"]]))
-    lines += _table(header, rows)
+    lines += table_lines(header, rows, padded=True)
     for name in ("train_step", "eval_step"):
         if name in report and report[name]["collectives"]:
             lines += ["", f"collectives per chip and step ({name}, optimised HLO):"]
-            lines += _table(("kind", "purpose", "count", "bytes"),
-                            [(c["kind"], c["purpose"], str(c["count"]), _size(c["bytes"]))
-                             for c in report[name]["collectives"]])
+            lines += table_lines(("kind", "purpose", "count", "bytes"),
+                                 [(c["kind"], c["purpose"], str(c["count"]), _size(c["bytes"]))
+                                  for c in report[name]["collectives"]], padded=True)
     for name in ("train_step", "eval_step"):
         if name in report and report[name].get("compile_error"):
             lines += ["", f"{name}: XLA refused to compile it for lack of memory: "
                       f"{report[name]['compile_error']}"]
     return "\n".join(lines)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
-    return [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)]
 
 
 FLAGS = flags.FLAGS

@@ -12,15 +12,15 @@ device topology of the training run: the checkpoint's own metadata gives the sha
 and only ``params``, ``batch_stats`` and ``step`` are read, onto one local device, then copied
 to host numpy arrays.
 
-The workdir may be a local path or a URL (``gs://bucket/runs/x``: anything with ``://``), read
-through ``etils.epath``.
+The file names and the config reader are the workdir contract's
+(`mosaic_jax.training.workdir`). The workdir may be a local path or a URL
+(``gs://bucket/runs/x``: anything with ``://``), read through ``etils.epath``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -34,9 +34,9 @@ from etils import epath
 from data_builders import atomic_files
 from mosaic_jax import objectives
 from mosaic_jax.training import configuration
+from mosaic_jax.training.workdir import CONFIG_FILE, config_path, read_config, resolve_workdir
 
 CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +55,6 @@ class RestoredRun:
     step: int
     config: Any
     variables: dict[str, Any]
-
-
-def resolve_workdir(workdir: str | os.PathLike[str]) -> str:
-    """A URL (``gs://...``) as given; a local path with ``~`` expanded, made absolute."""
-    workdir = os.fspath(workdir)
-    if atomic_files.is_remote(workdir):
-        return workdir
-    return os.path.abspath(os.path.expanduser(workdir))
 
 
 def checkpoint_dir(workdir: str | os.PathLike[str]) -> str:
@@ -148,11 +140,10 @@ def load_config(workdir: str | os.PathLike[str]) -> Any:
     """The run's config (``config.json`` rebuilt as an ``ml_collections.ConfigDict``); keys
     that the run's version did not have yet take today's defaults."""
     workdir = resolve_workdir(workdir)
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.is_file():
+    saved = read_config(workdir)
+    if saved is None:
         raise FileNotFoundError(
             f"workdir {workdir!r} has no {CONFIG_FILE} (is it a mosaic_jax training workdir?)")
-    saved = json.loads(path.read_text())
     # Keys added to the config since the run was written take their defaults; keys the config
     # no longer has (data.num_classes: now the dataset's) are dropped.
     saved.get("data", {}).pop("num_classes", None)
@@ -272,7 +263,7 @@ def check_workdir_matches(workdir: str | os.PathLike[str], config: Any) -> None:
     (objective, encoders, sizes) than `config`, instead of Orbax's tree-mismatch traceback at
     restore time. A workdir without a checkpoint or config.json passes."""
     workdir = resolve_workdir(workdir)
-    if not checkpoint_steps(workdir) or not (epath.Path(workdir) / CONFIG_FILE).is_file():
+    if not checkpoint_steps(workdir) or not config_path(workdir).is_file():
         return
     diffs = structure_differences(load_config(workdir), config)
     if diffs:

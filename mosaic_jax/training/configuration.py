@@ -183,11 +183,26 @@ def _fail(key: str, message: str) -> None:
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
     """Raises ValueError naming the first unknown or invalid key. Batch sizes must divide by
-    `device_count` (default: this process's `jax.device_count()`)."""
+    `device_count` (default: this process's `jax.device_count()`).
+
+    The sections are checked in this order: keys and loss weights, numbers, the downstream
+    protocol, choices, model against objective, bands and augmentations, batch sizes."""
     objective = config.get("objective")
     if objective not in objectives.OBJECTIVES:
         _fail("objective", f"unknown objective {objective!r}; valid: "
               f"{', '.join(objectives.OBJECTIVES)}")
+    values = _validate_keys(config, objective)
+    _validate_numbers(config, values)
+    _validate_protocol(config, objective)
+    _validate_choices(config, values, objective)
+    _validate_model_for_objective(config, objective)
+    _validate_bands_and_augment(config, values)
+    _validate_batch_sizes(config, device_count)
+
+
+def _validate_keys(config: ml_collections.ConfigDict, objective: str) -> dict[str, Any]:
+    """No unknown or missing key, booleans where the defaults have them, loss weights only for
+    the objective's terms. Returns the config's leaves by dotted key."""
     reference = dict(_walk(base_config(objective)))
     values = dict(_walk(config))
     for key in values:
@@ -205,7 +220,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
             _fail(f"loss.weights.{key}", f"objective {objective} has no term {key!r}; its "
                   f"terms: {', '.join(terms)}")
         _number(f"loss.weights.{key}", weight, minimum=0.0)
+    return values
 
+
+def _validate_numbers(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+    """Counts, sizes, rates and fractions in their ranges."""
     for key in ("batch_size", "num_train_steps", "eval_batch_size", "log_every_steps",
                 "keep_checkpoints", "model.proj_hidden_dim",
                 "model.proj_dim", "data.demo_num_patches"):
@@ -226,6 +245,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     if config.data.train_fraction == 0:
         _fail("data.train_fraction", "must be > 0")
 
+
+def _validate_protocol(config: ml_collections.ConfigDict, objective: str) -> None:
+    """``train_mode`` and ``init_from`` (a linear probe needs a pretraining workdir)."""
     _choice("train_mode", config.train_mode, ("full", "linear_probe"))
     if config.train_mode == "linear_probe":
         if not config.init_from:
@@ -239,6 +261,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     if not isinstance(config.init_from, str):
         _fail("init_from", f"must be a workdir path or '', got {config.init_from!r}")
 
+
+def _validate_choices(config: ml_collections.ConfigDict, values: dict[str, Any],
+                      objective: str) -> None:
+    """Names from their fixed sets (dataset, model, encoders, optimizer, loss options)."""
+    terms = objectives.OBJECTIVES[objective]
     _choice("data.name", config.data.name, datasets.DATASETS)
     _choice("model.kind", config.model.kind, ("two_tower", "single_tower"))
     _choice("model.inputs", config.model.inputs, ("s1", "s2", "s1s2"))
@@ -259,6 +286,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                 _fail("model.stem", f"'iai' applies to ResNets only, but {key} is "
                       f"{values[key]!r}; use stem='standard'")
 
+
+def _validate_model_for_objective(config: ml_collections.ConfigDict, objective: str) -> None:
+    """The model kind the objective's terms need, and labels for supervised objectives."""
+    terms = objectives.OBJECTIVES[objective]
     single = config.model.kind == "single_tower"
     if objective in objectives.SINGLE_TOWER_ONLY and not single:
         _fail("model.kind", f"objective {objective} needs model.kind='single_tower'")
@@ -267,6 +298,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     if objective in objectives.SUPERVISED and config.data.label_fraction == 0:
         _fail("data.label_fraction", f"objective {objective} needs labels (> 0)")
 
+
+def _validate_bands_and_augment(config: ml_collections.ConfigDict,
+                                values: dict[str, Any]) -> None:
+    """Bands the dataset has statistics for; augmentations `AugmentConfig` accepts."""
     for key, modality in (("data.s1_bands", "s1"), ("data.s2_bands", "s2")):
         try:
             bands.band_stats(config.data.name, modality, values[key])
@@ -277,6 +312,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     except ValueError as e:  # its messages start with the field's name
         _fail(f"augment.{str(e).split()[0]}", str(e))
 
+
+def _validate_batch_sizes(config: ml_collections.ConfigDict, device_count: int | None) -> None:
+    """Train and eval batch sizes divisible by the device count."""
     devices = jax.device_count() if device_count is None else device_count
     if config.batch_size % devices:
         _fail("batch_size", f"{config.batch_size} is not divisible by the {devices} devices")

@@ -34,14 +34,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from data_builders import atomic_files, console, datasets
+from data_builders import atomic_files, datasets
 from mosaic_jax import objectives
 from mosaic_jax.data import augment, bands
 from mosaic_jax.data.demo_data import demo_data_dir
 from mosaic_jax.evaluation.metrics import format_metrics_markdown, multilabel_metrics
 from mosaic_jax.evaluation.tsne_plot import plot_tsne
 from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables
-from mosaic_jax.training import checkpoints
+from mosaic_jax.training import checkpoints, messages
+from mosaic_jax.training import workdir as workdir_files
 from mosaic_jax.training.configuration import validate_config
 from mosaic_jax.training.distributed import PreemptionWatcher
 
@@ -352,12 +353,13 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
 
     Returns the t-SNE picture as [H, W, 3] uint8 (None when none was drawn)."""
     record = {"step": step, "split": split, **metrics}
-    atomic_files.write_atomic(os.path.join(workdir, f"metrics_{split}.json"),
+    atomic_files.write_atomic(os.path.join(workdir, workdir_files.metrics_file(split)),
                               json.dumps(record, indent=1))
-    atomic_files.write_atomic(os.path.join(workdir, f"metrics_{split}.md"),
+    atomic_files.write_atomic(os.path.join(workdir, workdir_files.metrics_markdown_file(split)),
                               f"# {split} metrics at step {step}\n\n"
                               + format_metrics_markdown(metrics, class_names))
-    history, line = os.path.join(workdir, "eval_history.jsonl"), json.dumps(record) + "\n"
+    history = os.path.join(workdir, workdir_files.EVAL_HISTORY_FILE)
+    line = json.dumps(record) + "\n"
     if atomic_files.is_remote(history):  # objects cannot be appended to: read, then rewrite whole
         old = epath.Path(history)
         atomic_files.write_atomic(history, (old.read_text() if old.exists() else "") + line)
@@ -365,7 +367,7 @@ def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
         with open(history, "a") as f:
             f.write(line)
     if tsne_points > 0 and len(embeddings) >= 5:
-        png = os.path.join(workdir, f"tsne_{split}.png")
+        png = os.path.join(workdir, workdir_files.tsne_file(split))
         title = f"t-SNE of the {embedding_name}, {split} split, step {step}"
         return plot_tsne(embeddings, labels, class_names, png, max_points=tsne_points,
                          title=title)
@@ -382,7 +384,7 @@ def embedding_name(config: ml_collections.ConfigDict) -> str:
 def linear_probe_hint(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     """For an objective that does not train the classifier, the command that measures its
     encoders (a linear probe on the same data); None otherwise."""
-    if "bce" in objectives.terms_of(config.objective):
+    if workdir_files.classifier_trained(config.to_dict()):
         return None
     args = ",".join(a for a, on in (("demo", config.data.demo),
                                     ("sen12ms", config.data.name == "sen12ms")) if on)
@@ -444,8 +446,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _set_up(config: ml_collections.ConfigDict, workdir: str,
             preemption: PreemptionWatcher) -> _Run:
     """Data, model, steps, checkpoint manager and metric writer of a run."""
-    # The train extra (Grain, tensorboardX): the core above imports without it, as on
+    # The train extra (Grain, tensorboardX, clu): the core above imports without it, as on
     # accelerator images.
+    from clu import parameter_overview
+
     from mosaic_jax.data import input_pipeline
     from mosaic_jax.training import tensorboard_writer
 
@@ -475,8 +479,10 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     if config.init_from:
         state = load_pretrained(state, config.init_from)
         if is_chief:
-            print(console.init_from_line(config.init_from, checkpoints.latest_step(
+            print(messages.init_from_line(config.init_from, checkpoints.latest_step(
                 config.init_from), config.train_mode), flush=True)
+    if is_chief:  # the parameter table the Flax examples log at start (names, shapes, sizes)
+        parameter_overview.log_parameter_overview(state.params, include_stats=False)
     writer = tensorboard_writer.create_writer(workdir, just_logging=not is_chief)
     progress = tensorboard_writer.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps)
@@ -605,7 +611,7 @@ def _finish(run: _Run, state: TrainState) -> dict[str, Any]:
         chance = metrics["label_frequency_macro_ap"]
         verdict = ("clearly above" if metrics["macro_ap"] > chance + 0.1 else
                    "NOT clearly above")
-        print(f"{console.done_line(final_step, final_step - run.steps_run, run.train_seconds)}"
+        print(f"{messages.done_line(final_step, final_step - run.steps_run, run.train_seconds)}"
               f" Final macro AP {metrics['macro_ap']:.4f} is {verdict} the {chance:.4f} that "
               f"label frequencies alone give. Outputs in {run.workdir}", flush=True)
         hint = linear_probe_hint(run.config, run.workdir)
