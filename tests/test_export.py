@@ -332,7 +332,7 @@ def test_export_of_a_workdir_without_checkpoint_names_it(workdir, tmp_path, caps
         exporter.export_workdir(str(empty), str(tmp_path / "out"))
     with pytest.raises(SystemExit) as e:
         exporter.main(["--workdir", str(empty), "--output", str(tmp_path / "out")])
-    assert e.value.code == 2 and str(empty) in capsys.readouterr().err
+    assert e.value.code == 1 and str(empty) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoints.latest_step(tmp_path / "missing")
@@ -515,7 +515,7 @@ def test_export_and_loader_refuse_non_finite_parameters(tmp_path, monkeypatch, c
         exporter.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
     with pytest.raises(SystemExit) as e:
         exporter.main(["--workdir", workdir, "--output", str(tmp_path / "out")])
-    assert e.value.code == 2 and "non-finite" in capsys.readouterr().err
+    assert e.value.code == 1 and "non-finite" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     # An export written before this check (or by hand) is refused when loaded.
     monkeypatch.setattr(checkpoints, "require_finite", lambda run: None)

@@ -24,7 +24,6 @@ from mosaic_jax.inference import predict, scene_windows
 rasterio = pytest.importorskip("rasterio")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.predict_scene import model_config, untrained_export, untrained_workdir  # noqa: E402
 from data_builders.fake_scene import write_fake_scene  # noqa: E402

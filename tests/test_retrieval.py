@@ -253,7 +253,7 @@ def test_benchmark_quick_run_prints_the_table_and_writes_json(tmp_path):
     repo = pathlib.Path(__file__).resolve().parents[1]
     out = tmp_path / "retrieval.json"
     env = dict(os.environ, PYTHONPATH=str(repo))
-    proc = subprocess.run([sys.executable, "benchmarks/retrieval.py", "--quick", "--output",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.retrieval", "--quick", "--output",
                            str(out)], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
