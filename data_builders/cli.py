@@ -272,11 +272,13 @@ def check_config_file(value: str | None, flag: str = "--config") -> None:
     path = value.split(":", 1)[0]
     if os.path.isfile(path):
         return
-    folder = os.path.dirname(path)
-    names = ([os.path.join(folder, n) for n in sorted(os.listdir(folder or "."))
+    folder, name = os.path.split(path)
+    names = ([n for n in sorted(os.listdir(folder or "."))
               if n.endswith(".py") and not n.startswith("_")]
              if os.path.isdir(folder or ".") else [])
-    raise UsageError(f"{flag}: config file {path} does not exist{did_you_mean(path, names)}")
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f"; did you mean {os.path.join(folder, close[0])!r}?" if close else ""
+    raise UsageError(f"{flag}: config file {path} does not exist{hint}")
 
 
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")

@@ -97,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    if not args.dry_run:  # before the first run starts (a dry run only prints)
+        cli.check_config_file(args.config)
     if len(set(args.fractions)) != len(args.fractions):
         print(f"error: --fractions repeats a value: {args.fractions}", file=sys.stderr)
         return 2
