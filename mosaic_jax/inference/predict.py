@@ -44,6 +44,7 @@ import jax
 import numpy as np
 import rasterio
 import rasterio.shutil
+import rasterio.windows
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -499,6 +500,25 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
     }
 
 
+def _check_raster(path: str, flag: str) -> None:
+    """Raises before any work when the input `path` of `flag` is missing, a folder, empty, not
+    a raster GDAL reads, or a `gs://` object that cannot be read; the error names flag and
+    path (GDAL's own message does not always name the file)."""
+    cli.check_input(path, flag)
+    try:
+        with rasterio.open(gdal_path(path)) as src:
+            # The last pixel lies in the file's last block: a truncated file fails here, not
+            # after minutes of mapping (GDAL reads missing header tags as absent).
+            src.read(1, window=rasterio.windows.Window(src.width - 1, src.height - 1, 1, 1))
+            crs = src.crs
+    except rasterio.errors.RasterioIOError as e:
+        detail = " ".join(str(e.__cause__ or e).split())  # "Read failed" names its cause
+        raise OSError(f"{flag} {path} cannot be read as a GeoTIFF: {detail}") from e
+    if crs is None:
+        raise ValueError(f"{flag} {path} has no coordinate reference system: not a "
+                         "georeferenced GeoTIFF (or a truncated one)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.new_parser("python -m mosaic_jax predict", __doc__)
     parser.add_argument("--export", required=True, help="folder written by mosaic_jax.export")
@@ -527,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def work() -> dict[str, Any]:
         for flag, path in (("--s1", args.s1), ("--s2", args.s2)):
-            cli.check_input(path, flag)
+            _check_raster(path, flag)
         cli.check_output(args.output)
         return predict_scene(
             args.export, args.s1, args.s2, args.output, stride=args.stride,
