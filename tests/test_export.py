@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -522,3 +523,22 @@ def test_export_and_loader_refuse_non_finite_parameters(tmp_path, monkeypatch, c
     exporter.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
     with pytest.raises(ValueError, match="non-finite .*diverged"):
         export.load_embedder(tmp_path / "out")
+
+
+def test_loader_names_a_damaged_export(tmp_path):
+    info = {"dataset": "bigearthnet_v2", "input_size": 120, "class_names": ["a"],
+            "inputs": {m: {"bands": ["B"], "mean": [0.0], "std": [1.0]} for m in ("s1", "s2")}}
+    model_json = tmp_path / export.MODEL_FILE
+    model_json.write_text(json.dumps(info))
+    assert export.load_model_info(tmp_path) == info
+    del info["inputs"]["s2"]["std"], info["input_size"]
+    model_json.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=f"{model_json} lacks input_size, inputs.s2.std: "):
+        export.load_model_info(tmp_path)
+    model_json.write_text('{"dataset": "bigearthnet_v2", ')  # truncated
+    with pytest.raises(ValueError, match=f"{model_json} is not valid JSON"):
+        export.load_model_info(tmp_path)
+    (tmp_path / export.EMBEDDER_FILE).write_bytes(b"\x10\x00\x00\x00partial")
+    want = f"{tmp_path / export.EMBEDDER_FILE} (11 bytes) is not a readable jax.export embedder"
+    with pytest.raises(ValueError, match=re.escape(want)):
+        export.load_embedder(tmp_path)
