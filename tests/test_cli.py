@@ -253,7 +253,9 @@ def test_absl_entry_points_in_a_subprocess(tool, tmp_path):
         assert result.returncode == 2, result.stderr
         assert _error_lines(result.stderr) == result.stderr.strip().splitlines()[-1:]
         assert want in result.stderr and "Traceback" not in result.stderr
-    if tool[-1] == "aot":  # an unwritable --output is found before minutes of compiling
+    if tool[-1] == "aot":  # a misspelt key; an unwritable --output before minutes of compiling
+        result = _run(*tool, "--config=configs/mosaic1.py", *extra, "--config.batchsize=8")
+        assert result.returncode == 2 and "did you mean 'batch_size'?" in result.stderr
         result = _run(*tool, "--config=configs/mosaic1.py", *extra, "--output=README.md/a.json")
         assert result.returncode == 1, result.stderr
         assert result.stderr.strip().splitlines()[-1].endswith(
