@@ -295,6 +295,7 @@ def parse_absl(flag_values: Any, argv: Sequence[str], holders: Sequence[Any], *,
         raise SystemExit(0)
     check_config_file(flag_value(argv, "config"))
     flag_values.unparse_flags()
+    saved, sys.argv = sys.argv, list(argv)  # ml_collections finds --config.KEY in sys.argv
     try:
         rest = flag_values(list(argv))
     except Exception as e:
@@ -302,6 +303,8 @@ def parse_absl(flag_values: Any, argv: Sequence[str], holders: Sequence[Any], *,
         if line is None:
             raise
         raise UsageError(line) from e
+    finally:
+        sys.argv = saved
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(rest[1:])} (every input is a flag; "
                          "see --help)")

@@ -144,8 +144,10 @@ def test_absl_config_typos_are_usage_errors_with_a_suggestion(absl_flags, monkey
         _parse(absl_flags, "--config=configs/mosaic1.py", "--wrokdir=w")
     with pytest.raises(cli.UsageError, match="unexpected arguments: extra"):
         _parse(absl_flags, "--config=configs/mosaic1.py", "--workdir=w", "extra")
-    assert _parse(absl_flags, "--config=configs/mosaic1.py:demo", "--workdir=w") == ["prog"]
-    assert absl_flags[0].config.data.demo_num_patches > 0
+    assert _parse(absl_flags, "--config=configs/mosaic1.py:demo", "--workdir=w",
+                  "--config.batch_size=24", "--config.optimizer.name=sgd") == ["prog"]
+    config = absl_flags[0].config
+    assert (config.batch_size, config.optimizer.name) == (24, "sgd") and config.data.demo
 
 
 def test_absl_help_lists_the_flags_and_exits_0(absl_flags, capsys):
