@@ -14,7 +14,6 @@ Prints a table against the targets and writes JSON (default benchmarks/results/d
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -28,9 +27,8 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.common import REPO
+from data_builders import cli
 
 # Targets (the project's): 549,488 patches in < 1 h on 16 cores; 4,000 two-view samples/s from
 # 16 host cores.
@@ -208,7 +206,7 @@ def bench_augment(batch_sizes: list[int], samples: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.new_parser("python -m benchmarks.data_pipeline", __doc__)
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, ~1 min)")
     p.add_argument("--output", default=str(REPO / "benchmarks/results/data_pipeline.json"))
     p.add_argument("--num_patches", type=int, default=None)
@@ -288,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the convention of data_builders.cli: one `error:` line
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # not an absl app; Grain's worker processes read absl flags
-    raise SystemExit(main())
+    sys.exit(cli.run(main))

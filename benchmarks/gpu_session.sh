@@ -55,9 +55,9 @@ PY
 # Then throughput: all three workloads (bf16, the default on accelerators), the comparison step
 # on the IaI ones when given. --profile: the top ops of each workload come back in the JSON
 # (traces under $OUT_DIR/profile).
-timeout 400 python3 benchmarks/train_step.py ${ANCHOR:+--anchor "$ANCHOR"} --steps 10 \
+timeout 400 python3 -m benchmarks.train_step ${ANCHOR:+--anchor "$ANCHOR"} --steps 10 \
   --profile "$OUT_DIR/profile" --output "$OUT_DIR/train_step_gpu.json" 2>&1 \
   | tee "$OUT_DIR/train_step_gpu.log"
 # What rematerialisation costs (or saves, where memory binds) at 256 px.
-timeout 150 python3 benchmarks/train_step.py --workloads iai_256 --remat --steps 10 \
+timeout 150 python3 -m benchmarks.train_step --workloads iai_256 --remat --steps 10 \
   --output "$OUT_DIR/train_step_gpu_remat.json" 2>&1 | tee "$OUT_DIR/train_step_gpu_remat.log"

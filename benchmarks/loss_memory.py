@@ -16,7 +16,7 @@ gradient.
 Target: loss + gradient for 65,536 views, d = 128, 19 classes under 2 GiB peak (the plain
 path's similarity matrix alone is 65,536^2 float32 = 16 GiB).
 
-Usage: python benchmarks/loss_memory.py [--quick] [--output PATH] [--views N] [--block-size B]
+Usage: python -m benchmarks.loss_memory [--quick] [--output PATH] [--views N] [--block-size B]
 """
 
 from __future__ import annotations
@@ -26,15 +26,11 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     GIB,
+    REPO,
     RESULTS_DIR,
     describe_machine,
     format_table,
@@ -42,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     peak_rss_bytes,
     write_json,
 )
+from data_builders import cli
 
 LOSSES = ("nt_xent", "cross_modal_infonce", "multilabel_supcon")
 TARGET_VIEWS = 65_536
@@ -178,7 +175,7 @@ def case_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_in_subprocess(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """Runs one case in a fresh Python process; returns its result or an error record."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "benchmarks.loss_memory", "--case", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
@@ -250,7 +247,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.new_parser("python -m benchmarks.loss_memory", __doc__)
     p.add_argument("--views", type=int, default=TARGET_VIEWS,
                    help="views of the blockwise run (2 per sample)")
     p.add_argument("--check-views", type=int, default=4096,
@@ -303,5 +300,5 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed or bad_checks else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the convention of data_builders.cli: one `error:` line
+    sys.exit(cli.run(main))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from data_builders import cli
 
 WORKLOADS = ("resnet50_sub", "demo_full", "demo_sub")
 
@@ -96,7 +97,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.new_parser("python -m benchmarks.predict_scene", __doc__)
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--full_size", type=int, nargs=2, default=[10980, 10980],
                    metavar=("H", "W"), help="full scene (one Sentinel-2 tile)")
@@ -167,5 +168,5 @@ def main(argv: list[str] | None = None) -> None:
     print(f"JSON: {args.output}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the convention of data_builders.cli: one `error:` line
+    sys.exit(cli.run(main))

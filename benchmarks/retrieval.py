@@ -12,22 +12,17 @@ builds.
 Target (full sizes): 20,000 queries against 240,000 archive patches, d = 2048, without a
 query x archive matrix (19.2 GB) in memory.
 
-Usage: python benchmarks/retrieval.py [--quick] [--queries N] [--archive N] [--dim D]
+Usage: python -m benchmarks.retrieval [--quick] [--queries N] [--archive N] [--dim D]
 [--k K] [--output PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     GIB,
     RESULTS_DIR,
     describe_machine,
@@ -36,6 +31,7 @@ from benchmarks.common import (  # noqa: E402
     peak_rss_bytes,
     write_json,
 )
+from data_builders import cli
 
 NUM_CLASSES = 19
 LABEL_DENSITY = 0.15
@@ -84,7 +80,7 @@ def run(queries: int, archive: int, dim: int, k: int, query_block: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.new_parser("python -m benchmarks.retrieval", __doc__)
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
     parser.add_argument("--queries", type=int, default=20_000)
     parser.add_argument("--archive", type=int, default=240_000)
@@ -114,5 +110,5 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Wrote {output}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the convention of data_builders.cli: one `error:` line
+    sys.exit(cli.run(main))

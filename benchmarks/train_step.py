@@ -19,7 +19,7 @@ dtype, for the ratio.
 `--profile DIR` traces a few more steps of each workload and reports its top ops by device time
 (`benchmarks/trace_summary.py`), so that one GPU call also brings back where the time goes.
 
-Usage: python benchmarks/train_step.py [--quick] [--workloads ...] [--dtype bfloat16|float32]
+Usage: python -m benchmarks.train_step [--quick] [--workloads ...] [--dtype bfloat16|float32]
        [--batch B] [--image PX] [--steps N] [--anchor PATH] [--remat] [--compile-only]
        [--profile DIR [--profile-steps N]] [--output PATH]
 Imports jax, flax, optax, numpy and the project's core modules only
@@ -39,17 +39,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     RESULTS_DIR,
     describe_machine,
     format_table,
     machine_info,
     write_json,
 )
+from data_builders import cli
 
 # name -> (config module, encoder override, image px, batch)
 WORKLOADS: dict[str, tuple[str, str | None, int, int]] = {
@@ -263,7 +260,7 @@ def report(records: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.new_parser("python -m benchmarks.train_step", __doc__)
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None,
                    help="default: all three (with --quick: iai_120 only)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
@@ -358,5 +355,5 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any("error" in r or not r.get("loss_finite", True) for r in records) else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the convention of data_builders.cli: one `error:` line
+    sys.exit(cli.run(main))

@@ -18,13 +18,12 @@ whatever the scene size) and atomically.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from data_builders import atomic_files
+from data_builders import atomic_files, cli
 from data_builders.bigearthnet_v2.bigearthnet_v2 import (
     PATCH_SIZE,
     S1_BANDS,
@@ -92,8 +91,7 @@ def write_fake_scene(s1_path: str | os.PathLike[str], s2_path: str | os.PathLike
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_builders.fake_scene",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.new_parser("python -m data_builders.fake_scene", __doc__)
     parser.add_argument("--s1", required=True, help="output Sentinel-1 GeoTIFF")
     parser.add_argument("--s2", required=True, help="output Sentinel-2 GeoTIFF")
     parser.add_argument("--height", type=int, default=1200, help="rows (pixels of 10 m)")
@@ -102,11 +100,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--nodata_edge", type=int, default=0,
                         help="blank this many columns at the right edge (no data)")
     args = parser.parse_args(argv)
-    try:
-        geo = write_fake_scene(args.s1, args.s2, height=args.height, width=args.width,
-                               seed=args.seed, nodata_edge=args.nodata_edge)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+
+    def work() -> dict:
+        for flag, path in (("--s1", args.s1), ("--s2", args.s2)):
+            cli.check_output(path, flag)
+        return write_fake_scene(args.s1, args.s2, height=args.height, width=args.width,
+                                seed=args.seed, nodata_edge=args.nodata_edge)
+
+    geo = cli.run(work, argv, paths=[args.s1])
     print(f"Wrote a {args.height} x {args.width} px scene ({geo['crs']}, 10 m): "
           f"{os.path.abspath(args.s1)}, {os.path.abspath(args.s2)}")
 

@@ -39,14 +39,14 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 import data_builders
-from data_builders import cli_errors, console
+from data_builders import cli, console
 from data_builders.geotiff import PatchError
 
 REPORT_NAME = "skipped_patches.json"
 """The skip report every builder of `data_builders` writes into its prepared directory."""
 
 
-class UsageError(ValueError):
+class UsageError(cli.UsageError, ValueError):
     """A request that cannot be served as given (unknown dataset, config, option, directory)."""
 
 
@@ -188,9 +188,7 @@ def summary(builder, seconds: float | None = None, max_listed: int = 20) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_builders.prepare",
-        description="Prepare a dataset as array_record shards with TFDS (no TensorFlow).")
+    parser = cli.new_parser("python -m data_builders.prepare", __doc__)
     parser.add_argument("name", help="dataset: a package of data_builders, e.g. bigearthnet_v2")
     parser.add_argument("--manual_dir", required=True, help="extracted official files")
     parser.add_argument("--data_dir", default="~/tensorflow_datasets",
@@ -214,9 +212,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (see module docstring)."""
+    """Command-line entry point (the convention of `data_builders.cli`, exit status in the
+    module docstring); returns 0 or exits."""
     console.quiet_console()
     args = _parser().parse_args(argv)
+    return cli.run(lambda: _prepare(args), argv, paths=[args.data_dir])
+
+
+def _prepare(args: argparse.Namespace) -> int:
     tfds.display_progress_bar(True)
     start = time.monotonic()
     try:
@@ -225,17 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           max_examples_per_split=args.max_examples_per_split,
                           overwrite=args.overwrite, skip_checksums=args.skip_checksums,
                           file_format=args.file_format)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {cli_errors.describe(e, paths=[args.data_dir])[0]}", file=sys.stderr)
-        return 1
-    except (PatchError, FileNotFoundError, ValueError, AssertionError) as e:
+    except (UsageError, OSError):
+        raise
+    except (PatchError, ValueError, AssertionError) as e:
         hint = " (use --skip_bad_patches to skip such patches)" if isinstance(
             e, PatchError) else ""
-        print(f"error: preparing {args.name} failed: {e}{hint}", file=sys.stderr)
-        return 1
+        raise ValueError(f"preparing {args.name} failed: {e}{hint}") from e
     print(summary(builder, time.monotonic() - start))
     return 0
 

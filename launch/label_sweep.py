@@ -9,10 +9,11 @@ patches are part of every larger one's. `--key train_fraction` sweeps the traini
 instead (fewer patches, all labelled). A workdir that already holds evaluation metrics
 (`metrics_*.json`) is skipped, so an interrupted sweep continues where it stopped; the first
 failing run stops the sweep. Then `python -m mosaic_jax report --workdirs ROOT/* --output DIR`
-draws the label-efficiency curve. Standard library only.
+draws the label-efficiency curve. Standard library only (with `data_builders.cli`, which is
+too).
 
 Example (the demo data, three fractions; `--dry-run` prints the commands only):
-  python launch/label_sweep.py --config=configs/mosaic1.py:demo --root=runs/sweep \
+  python -m launch.label_sweep --config=configs/mosaic1.py:demo --root=runs/sweep \
       --fractions 0.1 0.3 1.0 --override num_train_steps=60 --dry-run
 """
 
@@ -26,11 +27,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run by path: `python launch/<this>.py`
-    sys.path.insert(0, str(REPO_ROOT))
-
-from launch.training_command import parse_override  # noqa: E402
+from data_builders import cli
+from launch.training_command import parse_override
 
 KEYS = {"label_fraction": "label", "train_fraction": "train"}
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.5, 1.0)
@@ -74,8 +72,7 @@ def is_done(workdir: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python launch/label_sweep.py",
-                                description=__doc__.split("\n\n")[0])
+    p = cli.new_parser("python -m launch.label_sweep", __doc__)
     p.add_argument("--config", required=True,
                    help="config file with its arguments, e.g. configs/mosaic1.py:demo")
     p.add_argument("--root", required=True, help="folder of the sweep's workdirs")
@@ -94,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (convention of `data_builders.cli`); returns the exit status."""
     args = build_parser().parse_args(argv)
+    return cli.run(lambda: _sweep(args), argv, paths=[args.root])
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    if not args.dry_run:  # before the first run starts (a dry run only prints)
+        cli.check_config_file(args.config)
     if len(set(args.fractions)) != len(args.fractions):
         print(f"error: --fractions repeats a value: {args.fractions}", file=sys.stderr)
         return 2

@@ -7,10 +7,10 @@ Modes: `per-gpu` runs one process per GPU (`--ntasks-per-node=GPUS`, `--gpus-per
 task and JAX's SLURM detection supplies the coordinator, the process count and each process's
 id. With --requeue the job gets SIGTERM --signal_seconds before its time limit, the run saves a
 checkpoint and exits, and the job requeues itself; the requeued job resumes from the checkpoint.
-Standard library only.
+Standard library only (with `data_builders.cli`, which is too).
 
 Example:
-  python launch/slurm.py --nodes=2 --gpus_per_node=8 --partition=gpu --time=24:00:00 \
+  python -m launch.slurm --nodes=2 --gpus_per_node=8 --partition=gpu --time=24:00:00 \
       --workdir=/shared/runs/mosaic1 --data_dir=/shared/tensorflow_datasets --requeue \
       --override batch_size=1024 --dry-run
 """
@@ -27,11 +27,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run by path: `python launch/<this>.py`
-    sys.path.insert(0, str(REPO_ROOT))
+from data_builders import cli
+from launch.training_command import parse_override, training_command
 
-from launch.training_command import parse_override, training_command  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # per-gpu: when SLURM binds one GPU to the task (CUDA_VISIBLE_DEVICES lists exactly one), JAX
 # must use that GPU, ordinal 0; JAX's own default is the ordinal SLURM_LOCALID, which is right
@@ -84,8 +83,11 @@ def _local_path(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog="python -m launch.slurm",
         description="Write a SLURM batch script for multi-node GPU training and sbatch it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--verbose", action="store_true",
+                   help="print the traceback of an error, not only its one line")
     res = p.add_argument_group("resources")
     res.add_argument("--nodes", type=_positive, default=1, help="number of nodes")
     res.add_argument("--gpus_per_node", type=_positive, required=True, help="GPUs per node")
@@ -259,7 +261,12 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (convention of `data_builders.cli`); returns the exit status."""
     args = parse_args(argv)
+    return cli.run(lambda: _main(args), argv)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.venv and not os.path.isfile(os.path.join(args.venv, "bin", "activate")):
         print(f"warning: {args.venv}/bin/activate does not exist here", file=sys.stderr)
     if not args.venv:

@@ -7,10 +7,10 @@ worker, start `python -m mosaic_jax.main ... --multiprocess` on all workers at o
 optionally delete the TPU afterwards. --dry-run prints the commands, one per line, and runs
 nothing. --aot_check=TOPOLOGY first compiles the run for that TPU topology on this machine
 (`python -m mosaic_jax aot`, which needs jax[tpu] here) and stops, before anything is created,
-when it does not fit. Standard library only.
+when it does not fit. Standard library only (with `data_builders.cli`, which is too).
 
 Example:
-  python launch/tpu_pod.py --name=mosaic-v4 --zone=us-central2-b --accelerator_type=v4-32 \
+  python -m launch.tpu_pod --name=mosaic-v4 --zone=us-central2-b --accelerator_type=v4-32 \
       --spot --workdir=gs://BUCKET/runs/mosaic1 --data_dir=gs://BUCKET/tensorflow_datasets \
       --override batch_size=1024 --dry-run
 """
@@ -28,11 +28,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run by path: `python launch/<this>.py`
-    sys.path.insert(0, str(REPO_ROOT))
+from data_builders import cli
+from launch.training_command import parse_override, training_command
 
-from launch.training_command import parse_override, training_command  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 VENV_DIR = "mosaic_venv"  # on each worker, relative to the home directory
 TARBALL_NAME = "mosaic_jax_code.tar.gz"
@@ -92,8 +91,11 @@ def _home_name(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog="python -m launch.tpu_pod",
         description="Create a Cloud TPU VM, install mosaic_jax on every worker and train.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--verbose", action="store_true",
+                   help="print the traceback of an error, not only its one line")
     tpu = p.add_argument_group("TPU")
     tpu.add_argument("--name", required=True, type=_name, help="TPU VM name")
     tpu.add_argument("--zone", required=True, help="e.g. us-central2-b")
@@ -400,12 +402,13 @@ def aot_check_command(args: argparse.Namespace) -> list[str]:
 
 def aot_check(args: argparse.Namespace) -> None:
     """Compiles the run for `--aot_check`'s topology on this machine; LaunchError unless the
-    steps fit (exit status 1 of mosaic_jax.training.aot) or compile at all (any other status)."""
+    steps fit (exit status 3, DOES_NOT_FIT_STATUS of mosaic_jax.training.aot) or compile at all
+    (any other status)."""
     argv = aot_check_command(args)
     root = args.repo if not args.git_url else str(REPO_ROOT)
     print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
     status = subprocess.run(argv, cwd=root, stdout=sys.stderr).returncode
-    if status == 1:
+    if status == 3:
         raise LaunchError(f"the run does not fit {args.aot_check} (see the table above); "
                           "lower batch_size, or set model.remat=True or loss.block_size")
     if status != 0:
@@ -414,7 +417,12 @@ def aot_check(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (convention of `data_builders.cli`); returns the exit status."""
     args = parse_args(argv)
+    return cli.run(lambda: _main(args), argv)
+
+
+def _main(args: argparse.Namespace) -> int:
     launcher = Launcher(args)
     if args.aot_check:
         try:

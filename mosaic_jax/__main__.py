@@ -10,6 +10,8 @@ from __future__ import annotations
 import runpy
 import sys
 
+from data_builders import cli
+
 # tool name -> (module that runs it as __main__, one line on what it does)
 TOOLS = {
     "train": ("mosaic_jax.main", "train and evaluate a config (same as python -m mosaic_jax.main)"),
@@ -29,13 +31,18 @@ def _usage() -> str:
 
 
 def main(argv: list[str]) -> None:
+    """Runs the tool named by `argv[0]` with the rest of `argv` as its command line; `--help`
+    (or nothing) lists the tools; an unknown tool is a usage error (one line, exit status 2)."""
     if not argv or argv[0] in ("-h", "--help"):
-        sys.stdout.write(_usage())
-        sys.exit(0 if argv else 2)
+        (sys.stdout if argv else sys.stderr).write(_usage())
+        if not argv:
+            print("error: name a tool (see above)", file=sys.stderr)
+        raise SystemExit(0 if argv else cli.USAGE_STATUS)
     tool, rest = argv[0], argv[1:]
     if tool not in TOOLS:
-        sys.stderr.write(_usage() + f"error: unknown tool {tool!r}\n")
-        sys.exit(2)
+        print(f"error: unknown tool {tool!r}{cli.did_you_mean(tool, list(TOOLS))} (tools: "
+              f"{', '.join(TOOLS)})", file=sys.stderr)
+        raise SystemExit(cli.USAGE_STATUS)
     module = TOOLS[tool][0]
     sys.argv = [f"python -m mosaic_jax {tool}", *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

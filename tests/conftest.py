@@ -136,5 +136,5 @@ def run_python(args, timeout=600, **env):
 
 
 def error_lines(stderr):
-    """The ``error:`` lines of an entry point's stderr (data_builders/cli_errors.py)."""
+    """The ``error:`` lines of an entry point's stderr (data_builders/cli.py)."""
     return [line for line in stderr.splitlines() if line.startswith("error:")]

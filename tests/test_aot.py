@@ -230,12 +230,12 @@ def test_cli_without_libtpu_fails_with_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "mosaic_jax", "aot", "--config=configs/mosaic1.py",
                           "--topology=v5e:2x2"], cwd=REPO, capture_output=True, text=True,
                          env=_hide_libtpu(tmp_path), timeout=300)
-    assert run.returncode == 2
+    assert run.returncode == 1
     [line] = [x for x in run.stderr.splitlines() if x.startswith("error:")]
     assert f'pip install "jax[tpu]=={jax.__version__}"' in line
 
 
-TPU_ARGS = ["launch/tpu_pod.py", "--name=mosaic-v5e", "--zone=us-west4-a",
+TPU_ARGS = ["-m", "launch.tpu_pod", "--name=mosaic-v5e", "--zone=us-west4-a",
             "--accelerator_type=v5litepod-4", "--workdir=gs://bucket/runs/m1", "--dry-run"]
 
 
@@ -257,7 +257,7 @@ def test_tpu_launcher_stops_when_the_aot_check_fails(tmp_path):
                          timeout=300)
     assert run.returncode == 1
     assert run.stdout == ""  # nothing printed to run, nothing started
-    assert "error: the ahead-of-time check failed (exit status 2)" in run.stderr
+    assert "error: the ahead-of-time check failed (exit status 1)" in run.stderr
 
 
 def test_tpu_launcher_rejects_a_bad_topology():

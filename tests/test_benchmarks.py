@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import hide_packages_source
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks import common, loss_memory, train_step
 
-from benchmarks import common, loss_memory, train_step  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MACHINE_KEYS = ("platform", "cpu_model", "usable_cores", "memory_gib", "jax_version",
                 "device_kind", "backend")
@@ -46,7 +45,8 @@ def _env(hide_dir: Path | None = None) -> dict[str, str]:
 
 def _run(script: str, *args: str, timeout: float = 300, hide_dir: Path | None = None
          ) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+    module = "benchmarks." + script.removesuffix(".py")  # run as the commands in RESULTS.md
+    proc = subprocess.run([sys.executable, "-m", module, *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env=_env(hide_dir))
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

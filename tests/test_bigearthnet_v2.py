@@ -734,6 +734,14 @@ def test_real_metadata_split_membership():
 # ---------------------------------------------------------------------------------------------
 # The prepare command.
 
+def _exit_status(main, argv):
+    """The exit status of a command-line `main(argv)`: its return value, or its SystemExit's."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def test_prepare_main_end_to_end(tmp_path, capsys):
     root = tiny_root(tmp_path, n=4, seed=31, num_snow_cloud=2)
     rows = metadata_rows(root)
@@ -741,22 +749,23 @@ def test_prepare_main_end_to_end(tmp_path, capsys):
     _break("missing_band", root, pid, rows[pid])
     args = ["bigearthnet_v2", "--manual_dir", str(root), "--data_dir", str(tmp_path / "data"),
             "--config", "all", "--num_workers", "1"]
-    assert prepare.main(args) == 1  # fake metadata: not the official release's md5
+    assert _exit_status(prepare.main, args) == 1  # fake metadata: not the official md5
     err = capsys.readouterr().err
     assert f"{root / ben.METADATA_FILE}: md5 " in err and "--skip_checksums" in err
     args.append("--skip_checksums")
-    assert prepare.main(args) == 1
+    assert _exit_status(prepare.main, args) == 1
     assert pid in capsys.readouterr().err
     assert prepare.main(args + ["--skip_bad_patches"]) == 0
     out = capsys.readouterr().out
     assert "skipped patches: 1" in out and pid in out
     assert str(tmp_path / "data" / "bigearthnet_v2" / "all" / "1.0.0") in out
     assert "total" in out and " 5 examples" in out
-    assert prepare.main(["no_such_dataset", "--manual_dir", str(root), "--data_dir",
-                         str(tmp_path)]) == 2
+    assert _exit_status(prepare.main, ["no_such_dataset", "--manual_dir", str(root),
+                                       "--data_dir", str(tmp_path)]) == 2
     assert "unknown dataset" in capsys.readouterr().err
-    assert prepare.main(["bigearthnet_v2", "--manual_dir", str(tmp_path / "absent"),
-                         "--data_dir", str(tmp_path)]) == 2
+    assert _exit_status(prepare.main, ["bigearthnet_v2", "--manual_dir",
+                                       str(tmp_path / "absent"), "--data_dir",
+                                       str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert "bigearthnet_v2" in prepare.available_datasets()
 

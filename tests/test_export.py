@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -332,7 +333,7 @@ def test_export_of_a_workdir_without_checkpoint_names_it(workdir, tmp_path, caps
         exporter.export_workdir(str(empty), str(tmp_path / "out"))
     with pytest.raises(SystemExit) as e:
         exporter.main(["--workdir", str(empty), "--output", str(tmp_path / "out")])
-    assert e.value.code == 2 and str(empty) in capsys.readouterr().err
+    assert e.value.code == 1 and str(empty) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoints.latest_step(tmp_path / "missing")
@@ -515,10 +516,29 @@ def test_export_and_loader_refuse_non_finite_parameters(tmp_path, monkeypatch, c
         exporter.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
     with pytest.raises(SystemExit) as e:
         exporter.main(["--workdir", workdir, "--output", str(tmp_path / "out")])
-    assert e.value.code == 2 and "non-finite" in capsys.readouterr().err
+    assert e.value.code == 1 and "non-finite" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     # An export written before this check (or by hand) is refused when loaded.
     monkeypatch.setattr(checkpoints, "require_finite", lambda run: None)
     exporter.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
     with pytest.raises(ValueError, match="non-finite .*diverged"):
         export.load_embedder(tmp_path / "out")
+
+
+def test_loader_names_a_damaged_export(tmp_path):
+    info = {"dataset": "bigearthnet_v2", "input_size": 120, "class_names": ["a"],
+            "inputs": {m: {"bands": ["B"], "mean": [0.0], "std": [1.0]} for m in ("s1", "s2")}}
+    model_json = tmp_path / export.MODEL_FILE
+    model_json.write_text(json.dumps(info))
+    assert export.load_model_info(tmp_path) == info
+    del info["inputs"]["s2"]["std"], info["input_size"]
+    model_json.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=f"{model_json} lacks input_size, inputs.s2.std: "):
+        export.load_model_info(tmp_path)
+    model_json.write_text('{"dataset": "bigearthnet_v2", ')  # truncated
+    with pytest.raises(ValueError, match=f"{model_json} is not valid JSON"):
+        export.load_model_info(tmp_path)
+    (tmp_path / export.EMBEDDER_FILE).write_bytes(b"\x10\x00\x00\x00partial")
+    want = f"{tmp_path / export.EMBEDDER_FILE} (11 bytes) is not a readable jax.export embedder"
+    with pytest.raises(ValueError, match=re.escape(want)):
+        export.load_embedder(tmp_path)

@@ -169,7 +169,7 @@ def test_sweep_of_two_objectives_gives_two_curves(prepared_fake, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     root = tmp_path / "sweep"
     for config in ("configs/mosaic1.py:demo", "configs/supervised.py:demo"):
-        args = [sys.executable, "launch/label_sweep.py", f"--config={config}",
+        args = [sys.executable, "-m", "launch.label_sweep", f"--config={config}",
                 f"--root={root}", "--data_dir", prepared_fake, "--fractions", "0.25", "0.5",
                 "1.0", *(x for o in tiny for x in ("--override", o))]
         result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,

@@ -20,14 +20,16 @@ import time
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TPU_POD = REPO / "launch" / "tpu_pod.py"
-SLURM = REPO / "launch" / "slurm.py"
+TPU_POD = "launch.tpu_pod"  # run as python -m launch.tpu_pod, as launch/README.md says
+SLURM = "launch.slurm"
 TPU_ARGS = ["--name=mosaic-v4", "--zone=us-central2-b", "--accelerator_type=v4-32",
             "--workdir=gs://bucket/runs/m1"]
 
 
-def _run(script, *args, cwd=None, env=None, check_rc=0):
-    result = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env,
+def _run(module, *args, cwd=None, env=None, check_rc=0):
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=60)
     if check_rc is not None:
         assert result.returncode == check_rc, (result.stdout, result.stderr)
@@ -334,9 +336,7 @@ def test_slurm_bad_arguments_fail_clearly(tmp_path, args, message):
 
 
 def test_slurm_time_formats():
-    spec = importlib.util.spec_from_file_location("slurm_launcher", SLURM)
-    slurm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(slurm)
+    slurm = importlib.import_module(SLURM)
     assert slurm.time_limit_seconds("30") == 1800
     assert slurm.time_limit_seconds("30:15") == 1815
     assert slurm.time_limit_seconds("2:00:00") == 7200

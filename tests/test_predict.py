@@ -24,7 +24,6 @@ from mosaic_jax.inference import predict, scene_windows
 rasterio = pytest.importorskip("rasterio")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.predict_scene import model_config, untrained_export, untrained_workdir  # noqa: E402
 from data_builders.fake_scene import write_fake_scene  # noqa: E402
@@ -427,3 +426,97 @@ def test_benchmark_quick_run_reports_every_workload(tmp_path):
         assert r["windows_run"] == r["windows"] > 0 and r["windows_per_s"] > 0
         assert 0 < r["peak_rss_gib"] < 64 and 0 <= r["host_share"] <= 1
     assert "| demo_full" in result.stdout and "peak RSS GiB" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: one `error:` line for every bad input, checked before the work
+
+
+def _main_error(capsys, argv):
+    """(exit status, the one `error:` line) of `predict.main(argv)`; fails on a traceback."""
+    with pytest.raises(SystemExit) as info:
+        predict.main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return info.value.code, lines[0]
+
+
+def test_command_line_bad_inputs_end_in_one_line(tiny, scenes, tmp_path, capsys):
+    export_dir, _ = tiny
+    s1, s2 = scenes["grid"]
+    out = str(tmp_path / "maps" / "area.tif")
+
+    def run(*, export=export_dir, s1=s1, s2=s2, output=out, extra=()):
+        return _main_error(capsys, ["--export", export, "--s1", s1, "--s2", s2, "--output",
+                                    output, "--no_progress", *extra])
+
+    data = pathlib.Path(s1).read_bytes()
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(data[:len(data) // 2])
+    header_only = tmp_path / "header_only.tif"
+    header_only.write_bytes(data[:300])
+    text = tmp_path / "notes.tif"
+    text.write_text("not a GeoTIFF\n")
+    (tmp_path / "empty.tif").write_bytes(b"")
+    for bad, want in ((str(truncated), f"--s1 {truncated} cannot be read as a GeoTIFF"),
+                      (str(header_only), f"--s1 {header_only} "),
+                      (str(text), f"--s1 {text} cannot be read as a GeoTIFF"),
+                      (str(tmp_path / "empty.tif"), "is empty (0 bytes)"),
+                      (str(tmp_path), f"--s1 {tmp_path} is a folder"),
+                      (str(tmp_path / "nope.tif"), f"--s1 {tmp_path / 'nope.tif'} does not "
+                                                   "exist")):
+        status, line = run(s1=bad)
+        assert status == 1 and want in line, line
+    status, line = run(s2="gs://no-such-bucket-of-mosaic/s2.tif")
+    assert status == 1 and line.startswith("error: --s2 gs://no-such-bucket-of-mosaic/s2.tif "
+                                           "cannot be read as a GeoTIFF"), line
+    # An output that is a folder is refused before the scene is mapped (nothing written).
+    (tmp_path / "maps").mkdir()
+    status, line = run(output=str(tmp_path / "maps"))
+    assert status == 1 and line == f"error: --output {tmp_path / 'maps'} is an existing folder; " \
+                                   "give a file path"
+    assert os.listdir(tmp_path / "maps") == []
+    # A model.json without a key, a truncated embedder: the file is named.
+    import shutil
+
+    broken = tmp_path / "broken_export"
+    shutil.copytree(export_dir, broken)
+    info = json.loads((broken / export.MODEL_FILE).read_text())
+    del info["class_names"]
+    (broken / export.MODEL_FILE).write_text(json.dumps(info))
+    status, line = run(export=str(broken))
+    assert status == 1 and f"{broken / export.MODEL_FILE} lacks class_names" in line
+    shutil.copy(os.path.join(export_dir, export.MODEL_FILE), broken / export.MODEL_FILE)
+    data = (broken / export.EMBEDDER_FILE).read_bytes()
+    (broken / export.EMBEDDER_FILE).write_bytes(data[:len(data) // 2])
+    status, line = run(export=str(broken))
+    assert status == 1 and f"{broken / export.EMBEDDER_FILE} ({len(data) // 2} bytes) is not " \
+                           "a readable jax.export embedder" in line
+    # --verbose: the traceback, then the same one line.
+    with pytest.raises(SystemExit):
+        predict.main(["--export", export_dir, "--s1", str(text), "--s2", s2, "--output", out,
+                      "--verbose"])
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith(f"error: --s1 {text} cannot be read")
+
+
+def test_quicklook_classes_keep_their_commas(tiny, scenes, tmp_path, capsys, monkeypatch):
+    export_dir, _ = tiny
+    s1, s2 = scenes["grid"]
+    out = str(tmp_path / "area.tif")
+    predict.main(["--export", export_dir, "--s1", s1, "--s2", s2, "--output", out,
+                  "--stride", "120", "--no_progress",
+                  "--quicklook_class", "Beaches, dunes, sands",
+                  "--quicklook_class", "Urban fabric"])
+    assert "quicklook: " in capsys.readouterr().out and os.path.isfile(tmp_path / "area.png")
+    seen = {}
+    monkeypatch.setattr(predict, "predict_scene",
+                        lambda *a, **kw: seen.update(kw) or (_ for _ in ()).throw(
+                            ValueError("stop")))
+    with pytest.raises(SystemExit):
+        predict.main(["--export", export_dir, "--s1", s1, "--s2", s2, "--output", out,
+                      "--quicklook_class", "Beaches, dunes, sands",
+                      "--quicklook_class", "Urban fabric"])
+    assert seen["quicklook_classes"] == ["Beaches, dunes, sands", "Urban fabric"]

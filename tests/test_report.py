@@ -171,7 +171,7 @@ def test_a_workdir_without_metrics_is_named(runs, tmp_path, capsys):
         report.main(["--workdirs", runs[1], "--output", str(tmp_path / "rep"), "--split",
                      "test"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and runs[1] in err and "split(s) validation" in err
+    assert e.value.code == 1 and runs[1] in err and "split(s) validation" in err
 
 
 def test_names_override_and_two_identical_names_are_refused(runs, tmp_path):

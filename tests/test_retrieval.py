@@ -253,7 +253,7 @@ def test_benchmark_quick_run_prints_the_table_and_writes_json(tmp_path):
     repo = pathlib.Path(__file__).resolve().parents[1]
     out = tmp_path / "retrieval.json"
     env = dict(os.environ, PYTHONPATH=str(repo))
-    proc = subprocess.run([sys.executable, "benchmarks/retrieval.py", "--quick", "--output",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.retrieval", "--quick", "--output",
                            str(out)], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -265,3 +265,39 @@ def test_benchmark_quick_run_prints_the_table_and_writes_json(tmp_path):
     assert result["peak_rss_bytes"] >= result["rss_after_inputs_bytes"] > 0
     # Random embeddings, random labels of density 0.15: precision is near chance.
     assert 0.0 < result["map_at_10_random"] < 1.0
+
+
+def _one_error_line(capsys, argv):
+    """(exit status, the one `error:` line) of `retrieval.main(argv)`; fails on a traceback."""
+    with pytest.raises(SystemExit) as info:
+        retrieval.main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return info.value.code, lines[0]
+
+
+def test_command_line_bad_files_end_in_one_line(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(6)
+    arrays = {"embedding": rng.normal(size=(10, 4)).astype(np.float32),
+              "labels": rng.random((10, 3)) < 0.5, "index": np.arange(10)}
+    good = tmp_path / "a.npz"
+    np.savez(good, **arrays)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:100])
+    out = str(tmp_path / "ret")
+    args = ["--archive_npz", str(good), "--output", out]
+    status, line = _one_error_line(capsys, ["--query_npz", str(truncated), *args])
+    assert status == 1 and line.startswith(f"error: {truncated} is not a readable .npz file")
+    status, line = _one_error_line(capsys, ["--query_npz", str(tmp_path), *args])
+    assert status == 1 and line == f"error: --query_npz {tmp_path} is a folder; give a file"
+    # An output that is a file is refused before any work.
+    status, line = _one_error_line(capsys, ["--query_npz", str(good), "--archive_npz",
+                                            str(good), "--output", str(good)])
+    assert status == 1 and line == f"error: --output {good} is an existing file; give a folder"
+    # Ctrl-C: one line, status 130; --verbose is accepted (and prints the traceback first).
+    monkeypatch.setattr(retrieval, "evaluate", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    status, line = _one_error_line(capsys, ["--query_npz", str(good), *args, "--verbose"])
+    assert (status, line) == (130, "error: interrupted")
+    assert not os.path.exists(out)

@@ -32,7 +32,6 @@ CSV and ``n/a`` in markdown. Every file is written atomically (temp file, then r
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from data_builders import atomic_files, cli_errors, console, datasets
+from data_builders import atomic_files, cli, console, datasets
 from mosaic_jax.evaluation import label_efficiency, retrieval
 from mosaic_jax.evaluation.tables import markdown_table
 from mosaic_jax.training import workdir as workdir_files
@@ -322,25 +321,24 @@ def write_report(workdirs: Sequence[str], output: str, *, split: str = "validati
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mosaic_jax report",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.new_parser("python -m mosaic_jax report", __doc__)
     parser.add_argument("--workdirs", nargs="+", required=True, help="training workdirs")
     parser.add_argument("--output", required=True, help="report folder (created)")
     parser.add_argument("--split", default="validation", help="evaluation split to compare")
     parser.add_argument("--names", nargs="+", default=None,
                         help="method names, one per workdir (default: objectives)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="print the traceback of an error, not only its one line")
     args = parser.parse_args(argv)
-    try:
-        result = write_report(args.workdirs, args.output, split=args.split, names=args.names)
-    except (FileNotFoundError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
+
+    def work() -> dict[str, Any]:
+        cli.check_output(args.output, folder=True)
+        return write_report(args.workdirs, args.output, split=args.split, names=args.names)
+
+    result = cli.run(work, argv, paths=[args.output])
     print(f"Report of {len(result['runs'])} runs in {os.path.abspath(args.output)}: "
           f"{os.path.join(os.path.abspath(args.output), 'report.md')}")
 
 
 if __name__ == "__main__":
     console.quiet_console()
-    cli_errors.run_cli(main)
+    main()
 

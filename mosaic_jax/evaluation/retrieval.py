@@ -57,6 +57,7 @@ import io
 import json
 import math
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_builders import atomic_files
+from data_builders import atomic_files, cli
 from mosaic_jax.evaluation.tables import markdown_table, table_lines
 from mosaic_jax.inference.embed import embed_split
 
@@ -473,8 +474,12 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"embeddings file {path!r} does not exist (write it with "
                                 "python -m mosaic_jax embed)")
-    with np.load(path) as f:
-        data = dict(f)
+    try:
+        with np.load(path) as f:
+            data = dict(f)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated or not .npz
+        raise ValueError(f"{path} is not a readable .npz file ({e}): write it again with "
+                         "python -m mosaic_jax embed") from e
     if "labels" not in data:
         raise ValueError(f"{path} has no 'labels' array: not written by "
                          "mosaic_jax.inference.embed?")
@@ -482,8 +487,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mosaic_jax retrieval",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.new_parser("python -m mosaic_jax retrieval", __doc__)
     parser.add_argument("--export", help="export folder: embed the two splits with it")
     parser.add_argument("--dataset", default=None, help="TFDS name (default: the export's)")
     parser.add_argument("--query_split", default="test", help="TFDS split of the queries")
@@ -516,31 +520,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--query_npz and --archive_npz go together")
     if min(args.ks) < 1:
         parser.error(f"--ks must be >= 1, got {args.ks}")
-    try:
-        if args.export:
-            def embed(split):
-                return embed_split(args.export, split=split, data_dir=args.data_dir,
-                                   dataset=args.dataset, batch_size=args.batch_size,
-                                   patch_ids=False, max_batches=args.max_batches)
+    cli.run(lambda: _run(args), argv, paths=[args.output])
 
-            query_name = f"split {args.query_split} of {args.export}"
-            archive_name = f"split {args.archive_split} of {args.export}"
-            query = embed(args.query_split)
-            archive = query if args.archive_split == args.query_split else embed(
-                args.archive_split)
-            same = args.archive_split == args.query_split
-        else:
-            query_name, archive_name = args.query_npz, args.archive_npz
-            query, archive = _load_npz(args.query_npz), _load_npz(args.archive_npz)
-            same = os.path.abspath(args.query_npz) == os.path.abspath(args.archive_npz)
-        modes = args.modes or available_modes(query, archive)
-        check_modes(modes, query, archive, query_name, archive_name)
-        exclude = same if args.exclude_self == "auto" else args.exclude_self == "yes"
-        result = evaluate(query, archive, modes=modes, ks=args.ks, gain=args.gain,
-                          exclude_self=exclude, query_block=args.query_block,
-                          archive_block=args.archive_block, approx=args.approx)
-    except (FileNotFoundError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
+
+def _run(args: argparse.Namespace) -> None:
+    """The work of `main` on its parsed flags: embed or load, evaluate, write, print."""
+    for flag, path in (("--query_npz", args.query_npz), ("--archive_npz", args.archive_npz)):
+        if path:
+            cli.check_input(path, flag)
+    cli.check_output(args.output, folder=True)
+    if args.export:
+        def embed(split):
+            return embed_split(args.export, split=split, data_dir=args.data_dir,
+                               dataset=args.dataset, batch_size=args.batch_size,
+                               patch_ids=False, max_batches=args.max_batches)
+
+        query_name = f"split {args.query_split} of {args.export}"
+        archive_name = f"split {args.archive_split} of {args.export}"
+        query = embed(args.query_split)
+        archive = query if args.archive_split == args.query_split else embed(
+            args.archive_split)
+        same = args.archive_split == args.query_split
+    else:
+        query_name, archive_name = args.query_npz, args.archive_npz
+        query, archive = _load_npz(args.query_npz), _load_npz(args.archive_npz)
+        same = os.path.abspath(args.query_npz) == os.path.abspath(args.archive_npz)
+    modes = args.modes or available_modes(query, archive)
+    check_modes(modes, query, archive, query_name, archive_name)
+    exclude = same if args.exclude_self == "auto" else args.exclude_self == "yes"
+    result = evaluate(query, archive, modes=modes, ks=args.ks, gain=args.gain,
+                      exclude_self=exclude, query_block=args.query_block,
+                      archive_block=args.archive_block, approx=args.approx)
     result["query"], result["archive"] = query_name, archive_name
     skipped = [m for m in MODES if m not in modes]
     result["skipped_modes"] = skipped

@@ -22,16 +22,41 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
 PARAMS_FILE = "params.msgpack"
 EMBEDDER_FILE = "embedder.jax_export"
+# The keys of model.json that loading an export relies on (a key path per entry).
+REQUIRED_KEYS = ("dataset", "input_size", "class_names", "inputs.s1.bands", "inputs.s1.mean",
+                 "inputs.s1.std", "inputs.s2.bands", "inputs.s2.mean", "inputs.s2.std")
+
+
+def _missing_keys(info: Any) -> list[str]:
+    """The entries of REQUIRED_KEYS that the parsed model.json `info` lacks."""
+    missing = []
+    for path in REQUIRED_KEYS:
+        node = info
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            missing.append(path)
+    return missing
 
 
 def load_model_info(export_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``model.json`` of an export folder as a dict."""
+    """The ``model.json`` of an export folder as a dict; ValueError naming the file when it is
+    not JSON or lacks a key of REQUIRED_KEYS."""
     path = os.path.join(os.fspath(export_dir), MODEL_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{os.fspath(export_dir)!r} has no {MODEL_FILE}; is it the "
                                 "output of python -m mosaic_jax export?")
     with open(path) as f:
-        return json.load(f)
+        try:
+            info = json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(f"{path} is not valid JSON ({e}): export the run again with "
+                             "python -m mosaic_jax export") from e
+    missing = _missing_keys(info)
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a complete model.json of "
+                         "python -m mosaic_jax export; export the run again")
+    return info
 
 
 def load_embedder(export_dir: str | os.PathLike[str]
@@ -49,7 +74,13 @@ def load_embedder(export_dir: str | os.PathLike[str]
         raise FileNotFoundError(f"{os.fspath(export_dir)!r} has no {EMBEDDER_FILE}; is it the "
                                 "output of python -m mosaic_jax export?")
     with open(path, "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
+        data = bytearray(f.read())
+    try:
+        exported = jax.export.deserialize(data)
+    except Exception as e:  # noqa: BLE001 (flatbuffers raises anything on truncated bytes)
+        raise ValueError(f"{path} ({len(data)} bytes) is not a readable jax.export embedder "
+                         f"(truncated or damaged: {type(e).__name__}); export the run again "
+                         "with python -m mosaic_jax export") from e
     call = jax.jit(exported.call)
     avals = exported.in_avals
 

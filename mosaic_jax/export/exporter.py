@@ -36,7 +36,6 @@ imports nothing but the standard library, numpy and jax; this module is the heav
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -48,7 +47,7 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 
-from data_builders import cli_errors, console, datasets
+from data_builders import cli, console, datasets
 from mosaic_jax import models
 from mosaic_jax.data import augment, bands
 from mosaic_jax.export import EMBEDDER_FILE, FORMAT_VERSION, MODEL_FILE, PARAMS_FILE, timm_convnext
@@ -351,8 +350,7 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m mosaic_jax export", description=__doc__.split("\n\n")[0])
+    parser = cli.new_parser("python -m mosaic_jax export", __doc__)
     parser.add_argument("--workdir", required=True, help="training workdir")
     parser.add_argument("--output", required=True, help="export folder (created or replaced)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -360,15 +358,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="side of the embedder's input patches (default: the dataset's)")
     parser.add_argument("--platforms", default="cpu,cuda,tpu",
                         help="comma-separated jax.export platforms")
-    parser.add_argument("--verbose", action="store_true",
-                        help="print the traceback of an error, not only its one line")
     args = parser.parse_args(argv)
-    try:
-        info = export_workdir(args.workdir, args.output, step=args.step,
+
+    def work() -> dict:
+        cli.check_output(args.output, folder=True)
+        return export_workdir(args.workdir, args.output, step=args.step,
                               input_size=args.input_size,
                               platforms=[p for p in args.platforms.split(",") if p])
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
+
+    info = cli.run(work, argv, paths=[args.output])
     files = sorted(os.listdir(os.path.abspath(args.output)))
     print(f"Exported step {info['source']['step']} of {info['source']['workdir']} "
           f"({info['objective']}, {info['dataset']}) to {os.path.abspath(args.output)}: "
@@ -377,4 +375,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     console.quiet_console()
-    cli_errors.run_cli(main)
+    main()

@@ -14,14 +14,13 @@ its statistics), runs ``OUT/embedder.jax_export`` on every batch and writes one 
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from data_builders import atomic_files, cli_errors, console
+from data_builders import atomic_files, cli, console
 from mosaic_jax.data import input_pipeline
 from mosaic_jax.export import load_embedder, load_model_info
 
@@ -85,8 +84,7 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mosaic_jax embed",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.new_parser("python -m mosaic_jax embed", __doc__)
     parser.add_argument("--export", required=True, help="folder written by mosaic_jax.export")
     parser.add_argument("--dataset", default=None,
                         help="TFDS dataset name (default: the export's dataset)")
@@ -98,21 +96,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max_batches", type=int, default=0,
                         help="stop after this many batches (0: the whole split)")
     parser.add_argument("--no_patch_ids", action="store_true", help="do not store patch ids")
-    parser.add_argument("--verbose", action="store_true",
-                        help="print the traceback of an error, not only its one line")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> dict[str, np.ndarray]:
+        cli.check_output(args.output)
         arrays = embed_split(args.export, split=args.split, data_dir=args.data_dir,
                              dataset=args.dataset, batch_size=args.batch_size,
                              patch_ids=not args.no_patch_ids, max_batches=args.max_batches)
-    except (FileNotFoundError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
-    with atomic_files.open_atomic(args.output) as f:
-        np.savez(f, **arrays)
+        with atomic_files.open_atomic(args.output) as f:
+            np.savez(f, **arrays)
+        return arrays
+
+    arrays = cli.run(work, argv, paths=[args.output])
     shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
     print(f"Wrote {len(arrays['index'])} rows to {os.path.abspath(args.output)}: {shapes}")
 
 
 if __name__ == "__main__":
     console.quiet_console()
-    cli_errors.run_cli(main)
+    main()

@@ -30,7 +30,6 @@ memory is bounded by the batch and one band of rows, not by the scene size.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -45,12 +44,13 @@ import jax
 import numpy as np
 import rasterio
 import rasterio.shutil
+import rasterio.windows
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from data_builders import atomic_files
+from data_builders import atomic_files, cli
 from mosaic_jax.export import load_embedder, load_model_info
 from mosaic_jax.inference import scene_windows
 
@@ -500,9 +500,27 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
     }
 
 
+def _check_raster(path: str, flag: str) -> None:
+    """Raises before any work when the input `path` of `flag` is missing, a folder, empty, not
+    a raster GDAL reads, or a `gs://` object that cannot be read; the error names flag and
+    path (GDAL's own message does not always name the file)."""
+    cli.check_input(path, flag)
+    try:
+        with rasterio.open(gdal_path(path)) as src:
+            # The last pixel lies in the file's last block: a truncated file fails here, not
+            # after minutes of mapping (GDAL reads missing header tags as absent).
+            src.read(1, window=rasterio.windows.Window(src.width - 1, src.height - 1, 1, 1))
+            crs = src.crs
+    except rasterio.errors.RasterioIOError as e:
+        detail = " ".join(str(e.__cause__ or e).split())  # "Read failed" names its cause
+        raise OSError(f"{flag} {path} cannot be read as a GeoTIFF: {detail}") from e
+    if crs is None:
+        raise ValueError(f"{flag} {path} has no coordinate reference system: not a "
+                         "georeferenced GeoTIFF (or a truncated one)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mosaic_jax predict",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.new_parser("python -m mosaic_jax predict", __doc__)
     parser.add_argument("--export", required=True, help="folder written by mosaic_jax.export")
     parser.add_argument("--s1", required=True, help="Sentinel-1 GeoTIFF (dB), local or gs://")
     parser.add_argument("--s2", required=True, help="Sentinel-2 GeoTIFF, local or gs://")
@@ -514,9 +532,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="skip windows with a smaller share of valid pixels (0..1)")
     parser.add_argument("--labels_threshold", type=float, default=None,
                         help="also write <output>_labels.tif: 1 where probability >= this")
-    parser.add_argument("--quicklook_classes", default="",
-                        help="comma-separated class names for <output>.png (default: the 3 "
-                             "with the highest mean probability)")
+    parser.add_argument("--quicklook_class", action="append", default=[], metavar="NAME",
+                        help="a class of <output>.png, whole (class names hold commas: quote "
+                             "it); repeat for up to 3 (default: the 3 with the highest mean "
+                             "probability)")
     parser.add_argument("--no_quicklook", action="store_true", help="do not write the PNG")
     parser.add_argument("--grid_mismatch", choices=("resample", "error"), default="resample",
                         help="S1 not on the S2 grid: resample it onto S2's, or stop")
@@ -524,16 +543,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the S1 file holds linear power; convert it to dB")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    classes = [c.strip() for c in args.quicklook_classes.split(",") if c.strip()]
-    try:
-        summary = predict_scene(
+    classes = [c.strip() for c in args.quicklook_class if c.strip()]
+
+    def work() -> dict[str, Any]:
+        for flag, path in (("--s1", args.s1), ("--s2", args.s2)):
+            _check_raster(path, flag)
+        cli.check_output(args.output)
+        return predict_scene(
             args.export, args.s1, args.s2, args.output, stride=args.stride,
             batch_size=args.batch_size, min_valid=args.min_valid,
             labels_threshold=args.labels_threshold, quicklook_classes=classes or None,
             quicklook=not args.no_quicklook, grid_mismatch=args.grid_mismatch,
             s1_linear=args.s1_linear, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
+
+    summary = cli.run(work, argv, paths=[args.output])
     s = summary["seconds"]
     print(f"Mapped {summary['scene_px'][0]} x {summary['scene_px'][1]} px "
           f"({summary['km2']:,.1f} km^2) in {s['total']:.1f} s: {summary['windows_run']} of "

@@ -10,8 +10,10 @@ train step and the eval step of `mosaic_jax.training.train` for it, and reports 
     python -m mosaic_jax aot --config=configs/mosaic1.py --topology=v5e:16x16 \
         [--config.batch_size=4096] [--output=aot.json]
 
-prints a table, writes the report as JSON with --output, and exits with status 1 when the step
-does not fit the chip's HBM (2 on a usage error, e.g. `libtpu` missing).
+prints a table, writes the report as JSON with --output, and exits with status 3
+(`DOES_NOT_FIT_STATUS`) when a step does not fit the chip's HBM; 1 on any other failure (e.g.
+`libtpu` missing), 2 on a wrong command line, topology or config key (README,
+Troubleshooting).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from data_builders import atomic_files
+from data_builders import atomic_files, cli
 from mosaic_jax import models
 from mosaic_jax.evaluation.tables import table_lines
 from mosaic_jax.training import configuration, train
@@ -377,37 +379,54 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file.",
-                                lock_config=True)
-flags.DEFINE_string("topology", None, "TPU slice to compile for, e.g. v5e:2x2, v5e:16x16, "
-                    "v4:2x2x2, v5p:4x4x4.")
-flags.DEFINE_string("output", None, "Also write the report as JSON to this path.")
-flags.DEFINE_bool("eval_step", True, "Also compile the eval step.")
+_HOLDERS = [
+    config_flags.DEFINE_config_file("config", None, "Training configuration file, FILE[:ARGS]; "
+                                    "override a key with --config.KEY=VALUE.", lock_config=True),
+    flags.DEFINE_string("topology", None, "TPU slice to compile for, e.g. v5e:2x2, v5e:16x16, "
+                        "v4:2x2x2, v5p:4x4x4."),
+    flags.DEFINE_string("output", None, "Also write the report as JSON to this path."),
+    flags.DEFINE_bool("eval_step", True, "Also compile the eval step."),
+    flags.DEFINE_bool("verbose", False, "Print the traceback of an error, not only its one line."),
+]
 flags.mark_flags_as_required(["config", "topology"])
+DOES_NOT_FIT_STATUS = 3  # a step needs more HBM than the chip has (1 is any failure, 2 usage)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def _compile(argv: list[str]) -> int:
+    del argv  # only the program name: cli.parse_absl refuses positional words
+    if FLAGS.output:  # before minutes of compiling
+        cli.check_output(FLAGS.output)
     compile_only_environment()
     if "JAX_PLATFORMS" not in os.environ:  # the host runs nothing: XLA:TPU only compiles
         jax.config.update("jax_platforms", "cpu")
     try:
         report = compile_for_topology(FLAGS.config, FLAGS.topology, eval_step=FLAGS.eval_step)
-    except (ValueError, LibtpuMissingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except ValueError as e:  # a bad topology or config key: the command line (status 2)
+        raise cli.UsageError(str(e)) from e
+    except LibtpuMissingError as e:  # the host, not the command line: a failure (status 1)
+        raise ValueError(str(e)) from e
     print(format_report(report), flush=True)
     if FLAGS.output:
         atomic_files.write_atomic(FLAGS.output, json.dumps(report, indent=1) + "\n")
     if report["fits"] is False:
         print(f"DOES NOT FIT: a step needs more than the {_gib(report['hbm_bytes_per_chip'])} "
               f"of HBM per chip of {report['topology']}", file=sys.stderr)
-        sys.exit(1)
+        return DOES_NOT_FIT_STATUS
     if report["fits"] is None:
         print(f"HBM of {report['device_kind']} unknown: cannot tell whether it fits",
               file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Compiles with the flags of `argv` (program name first; default `sys.argv`) under the
+    convention of `data_builders.cli`; exits DOES_NOT_FIT_STATUS when a step does not fit."""
+    argv = list(sys.argv if argv is None else argv)
+    output = cli.flag_value(argv, "output")
+    prog = "python -m mosaic_jax aot"
+    cli.run(lambda: app.run(_compile, argv=argv, flags_parser=lambda a: cli.parse_absl(
+        FLAGS, a, _HOLDERS, prog=prog, doc=__doc__)), argv, paths=[output] if output else [])
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

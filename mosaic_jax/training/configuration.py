@@ -10,6 +10,7 @@ already rejected by ml_collections' config flags.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from typing import Any
 
@@ -112,7 +113,9 @@ def parse_args(arg: str | None, valid: tuple[str, ...]) -> tuple[str, ...]:
     args = tuple(a for a in (arg or "").split(",") if a)
     for a in args:
         if a not in valid:
-            raise ValueError(f"unknown config argument {a!r}; valid: {', '.join(valid)}")
+            close = difflib.get_close_matches(a, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config argument {a!r}{hint} (valid: {', '.join(valid)})")
     return args
 
 
