@@ -19,7 +19,7 @@ from test_remote_paths import BUCKET, bucket  # noqa: F401  (the fake gs:// fixt
 from mosaic_jax import export
 from mosaic_jax.data import bands
 from mosaic_jax.export import exporter
-from mosaic_jax.inference import predict, scene_windows
+from mosaic_jax.inference import input_units, predict, scene_windows
 
 rasterio = pytest.importorskip("rasterio")
 
@@ -153,12 +153,12 @@ def test_band_indexes_by_name_or_by_count():
 def test_s1_units_and_db_conversion():
     rng = np.random.default_rng(2)
     db = rng.normal(-14, 5, size=(2, 50, 50)).astype(np.float32)
-    assert predict.s1_units(db)[0] == "dB"
+    assert input_units.s1_units(db)[0] == "dB"
     linear = (10 ** (db / 10)).astype(np.float32)
     linear[0, 0, 0] = np.nan
-    units, share = predict.s1_units(linear)
+    units, share = input_units.s1_units(linear)
     assert units == "linear" and share == 1.0
-    back = predict.to_db(np.array([1.0, 0.01, 0.0, -1.0], np.float32))
+    back = input_units.to_db(np.array([1.0, 0.01, 0.0, -1.0], np.float32))
     np.testing.assert_allclose(back[:2], [0.0, -20.0], atol=1e-6)
     assert np.isnan(back[2:]).all()
     assert predict.gdal_path("gs://b/k/s2.tif") == "/vsigs/b/k/s2.tif"
