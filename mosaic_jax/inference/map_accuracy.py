@@ -3,8 +3,9 @@
 ``python -m mosaic_jax.inference.map_accuracy --map maps/area.tif --reference
 scenes/labels.tif [--output ap.json]`` (or ``predict --reference``) compares a map written by
 `mosaic_jax.inference.predict` with a reference label raster on the scene's grid, such as the
-one `data_builders.fake_scene` writes beside its synthetic scene: uint8 class index per pixel
-(255: unlabelled or no data), the class names in its ``class_names`` tag (JSON list).
+one `data_builders.fake_scene` writes beside its synthetic scene (format:
+`data_builders.reference_labels`: uint8 class index per pixel, 255 unlabelled or no data, the
+class names in a tag).
 
 A map cell covers ``stride x stride`` scene pixels; its truth is multi-hot: the classes present
 in any of its pixels (BigEarthNet's rule for a patch, applied to a cell). Cells without data in
@@ -23,14 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from data_builders import reference_labels
 from mosaic_jax.evaluation.metrics import average_precision_per_class
-
-REFERENCE_NODATA = 255
-CLASS_NAMES_TAG = "class_names"
 
 
 def reference_cells(classes: np.ndarray, stride: int, num_classes: int,
-                    nodata: int = REFERENCE_NODATA) -> tuple[np.ndarray, np.ndarray]:
+                    nodata: int = reference_labels.NODATA) -> tuple[np.ndarray, np.ndarray]:
     """(truth bool [h, w, C], labelled bool [h, w]) of map cells of ``stride`` px over a class
     index raster ``classes`` [H, W] (``h = ceil(H / stride)``; the last cells may be cut by the
     edge): class c is true in a cell when a pixel of it is c; labelled when a pixel is not
@@ -81,11 +80,7 @@ def evaluate_map(map_path: str, reference_path: str) -> dict[str, Any]:
 
     with rasterio.open(map_path) as msrc, rasterio.open(reference_path) as rsrc:
         stride = _stride_between(msrc, rsrc, map_path, reference_path)
-        tag = rsrc.tags().get(CLASS_NAMES_TAG)
-        if tag is None:
-            raise ValueError(f"reference {reference_path} has no {CLASS_NAMES_TAG!r} tag (the "
-                             "class names of its index values, a JSON list)")
-        ref_names = list(json.loads(tag))
+        ref_names = reference_labels.class_names_of(rsrc.tags(), reference_path)
         map_names = [d or "" for d in msrc.descriptions]
         classes = rsrc.read(1)
         probs = np.moveaxis(msrc.read(), 0, -1).astype(np.float64)
