@@ -242,7 +242,7 @@ class MapWriter:
         """Moves the finished files ``ready`` (kind -> temp path) into place: stale companions
         removed first, the map next, its companions last (module doc)."""
         for kind in ("labels", "quicklook"):
-            if _remove(self.paths[kind]):
+            if _remove(self.paths[kind]) and kind not in ready:
                 self.log(f"removed {self.paths[kind]}, the {kind} of the map this run replaces")
         _move(ready["map"], self.paths["map"])
         for kind in ("labels", "quicklook"):

@@ -4,12 +4,14 @@ One PNG that says what it shows: a title with the scene's file name and the expo
 text line, e.g. the modalities mapped), a colour composite of up to three classes (red, green,
 blue = their probabilities), one panel per chosen class (0..1 colour scale) and a legend of the
 composite's class colours and of the grey of cells without data (windows skipped for too few
-valid pixels). The map is read decimated to at most `QUICKLOOK_MAX_SIDE` px a side.
+valid pixels; hatched in the composite, where probabilities near 0.5 are grey too). The map
+is read decimated to at most `QUICKLOOK_MAX_SIDE` px a side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -36,6 +38,18 @@ def composite(data: np.ndarray) -> np.ndarray:
     rgb[..., :k] = np.moveaxis(np.nan_to_num(data[:k], nan=0.0), 0, -1).clip(0, 1)
     rgb[np.isnan(data).all(axis=0)] = NODATA_GREY
     return rgb
+
+
+def _hatch(ax: Any, mask: np.ndarray) -> None:
+    """Hatches the cells of ``mask`` [h, w] on an image axis (contours of the mask repeated
+    ``k`` times a side, so the outline follows the cell edges)."""
+    if not mask.any():
+        return
+    k = max(1, min(4, 2048 // max(mask.shape)))
+    fine = np.kron(mask.astype(np.float32), np.ones((k, k), np.float32))
+    ys = (np.arange(fine.shape[0]) + 0.5) / k - 0.5
+    xs = (np.arange(fine.shape[1]) + 0.5) / k - 0.5
+    ax.contourf(xs, ys, fine, levels=[0.5, 1.5], colors="none", hatches=["//"])
 
 
 def title_lines(scene: str, export: str, note: str | None = None) -> list[str]:
@@ -69,6 +83,7 @@ def write_quicklook(map_path: str, png_path: str, classes: Sequence[str],
         fig.suptitle("\n".join(title), fontsize=9)
     ax = fig.add_subplot(1, cols, 1)
     ax.imshow(composite(data), interpolation="nearest")
+    _hatch(ax, np.isnan(data).all(axis=0))
     ax.set_title("composite", fontsize=8)
     cmap = colormaps["viridis"].with_extremes(bad=str(NODATA_GREY))
     image = None
@@ -83,7 +98,7 @@ def write_quicklook(map_path: str, png_path: str, classes: Sequence[str],
     fig.colorbar(image, ax=fig.axes[1:], shrink=0.8, label="probability")
     handles = [Patch(color=c, label=f"{c}: {_short(name, 40)}")
                for c, name in zip(COMPOSITE_COLOURS, classes, strict=False)]
-    handles.append(Patch(color=str(NODATA_GREY), label="grey: no data"))
+    handles.append(Patch(facecolor=str(NODATA_GREY), hatch="//", label="grey: no data"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)),
                fontsize=7, frameon=False)
     metadata = {"MOSAIC_RUN": run_id} if run_id else None
