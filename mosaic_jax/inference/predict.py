@@ -58,7 +58,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from mosaic_jax.export import load_embedder, load_model_info
+from mosaic_jax.export import MODEL_FILE, load_embedder, load_model_info
 from mosaic_jax.inference import input_units, map_accuracy, scene_windows
 from mosaic_jax.inference.input_units import s1_units
 from mosaic_jax.inference.map_writer import MapWriter, check_outputs_spare_inputs, output_paths
@@ -373,7 +373,7 @@ def window_pass(scene: SceneInputs, grid: WindowGrid, embed: Callable[..., Any],
 def _check_files(export_dir: str, info: dict[str, Any], inputs: dict[str, str | None],
                  output: str) -> None:
     """Before any work: model.json's normalisation is usable, and no output is an input."""
-    input_units.check_normalisation(info, os.path.join(export_dir, "model.json"))
+    input_units.check_normalisation(info, os.path.join(export_dir, MODEL_FILE))
     check_outputs_spare_inputs({k: v for k, v in inputs.items() if v}, output_paths(output))
 
 
