@@ -783,6 +783,9 @@ def test_predict_reports_the_maps_ap_against_the_fake_scenes_truth(tiny, tmp_pat
     assert result["cells"] == use.sum() == 4 * 5  # the last column of cells has no data
     assert result["class_names"] == info["class_names"]
     np.testing.assert_allclose([np.nan if a is None else a for a in result["ap"]], want)
+    chance = [None if a is None else a for a in result["chance_ap"]]
+    np.testing.assert_allclose([np.nan if a is None else a for a in chance],
+                               np.where(np.isnan(want), np.nan, truth[use].mean(0)))
     table = map_accuracy.format_ap_table(result)
     assert table.count("\n") == 19 + 2 and "| **mean over classes with cells** | 20 cells" in table
     # The truth as a map has AP 1 for every class it holds.

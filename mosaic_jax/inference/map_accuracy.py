@@ -74,8 +74,9 @@ def _stride_between(map_src: Any, ref_src: Any, map_path: str, ref_path: str) ->
 def evaluate_map(map_path: str, reference_path: str) -> dict[str, Any]:
     """Per-class AP of the map file against the reference file (module doc): a dict with
     ``class_names``, ``ap`` (None where undefined), ``positive_cells``, ``cells``,
-    ``macro_ap`` (mean over defined APs). Classes of the map the reference does not name get
-    ``ap`` None. ValueError naming the files when the grids do not match."""
+    ``macro_ap`` (mean over defined APs), ``chance_ap`` and ``chance_macro_ap`` (the AP of a
+    constant map: the share of cells with the class). Classes of the map the reference does
+    not name get ``ap`` None. ValueError naming the files when the grids do not match."""
     import rasterio  # GDAL: only to read the files
 
     with rasterio.open(map_path) as msrc, rasterio.open(reference_path) as rsrc:
@@ -92,25 +93,31 @@ def evaluate_map(map_path: str, reference_path: str) -> dict[str, Any]:
             truth[..., i] = truth_all[..., ref_names.index(name)]
     ap, positives, cells = cell_average_precision(probs, truth, labelled)
     ap = np.where(known, ap, np.nan)
-    defined = ap[np.isfinite(ap)]
+    defined = np.isfinite(ap)
+    chance = np.where(defined, positives / max(cells, 1), np.nan)  # AP of a constant map
     return {"map": map_path, "reference": reference_path, "stride_px": stride,
             "class_names": map_names, "cells": cells,
             "ap": [None if not np.isfinite(a) else float(a) for a in ap],
             "positive_cells": [int(p) if k else None for p, k in zip(positives, known,
                                                                      strict=True)],
-            "macro_ap": float(defined.mean()) if defined.size else None}
+            "chance_ap": [float(c) if d else None for c, d in zip(chance, defined, strict=True)],
+            "macro_ap": float(ap[defined].mean()) if defined.any() else None,
+            "chance_macro_ap": float(chance[defined].mean()) if defined.any() else None}
 
 
 def format_ap_table(result: dict[str, Any]) -> str:
-    """Markdown table of `evaluate_map`'s result: class, positive cells, AP; then the mean."""
-    lines = ["| class | cells with it | AP |", "|---|---:|---:|"]
-    for name, pos, ap in zip(result["class_names"], result["positive_cells"], result["ap"],
-                             strict=True):
-        lines.append(f"| {name} | {'-' if pos is None else pos} | "
-                     f"{'-' if ap is None else f'{ap:.3f}'} |")
-    macro = result["macro_ap"]
+    """Markdown table of `evaluate_map`'s result: class, positive cells, AP and the chance AP
+    (a constant map's: the share of cells with the class); then the means."""
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = ["| class | cells with it | AP | chance AP |", "|---|---:|---:|---:|"]
+    for name, pos, ap, chance in zip(result["class_names"], result["positive_cells"],
+                                     result["ap"], result["chance_ap"], strict=True):
+        lines.append(f"| {name} | {'-' if pos is None else pos} | {fmt(ap)} | {fmt(chance)} |")
     lines.append(f"| **mean over classes with cells** | {result['cells']} cells | "
-                 f"{'-' if macro is None else f'{macro:.3f}'} |")
+                 f"{fmt(result['macro_ap'])} | {fmt(result['chance_macro_ap'])} |")
     return "\n".join(lines)
 
 
