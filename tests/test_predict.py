@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -19,7 +20,15 @@ from test_remote_paths import BUCKET, bucket  # noqa: F401  (the fake gs:// fixt
 from mosaic_jax import export
 from mosaic_jax.data import bands
 from mosaic_jax.export import exporter
-from mosaic_jax.inference import predict, scene_windows
+from mosaic_jax.inference import (
+    input_units,
+    map_accuracy,
+    map_writer,
+    predict,
+    quicklook,
+    scene_reader,
+    scene_windows,
+)
 
 rasterio = pytest.importorskip("rasterio")
 
@@ -152,12 +161,12 @@ def test_band_indexes_by_name_or_by_count():
 def test_s1_units_and_db_conversion():
     rng = np.random.default_rng(2)
     db = rng.normal(-14, 5, size=(2, 50, 50)).astype(np.float32)
-    assert predict.s1_units(db)[0] == "dB"
+    assert input_units.s1_units(db)[0] == "dB"
     linear = (10 ** (db / 10)).astype(np.float32)
     linear[0, 0, 0] = np.nan
-    units, share = predict.s1_units(linear)
+    units, share = input_units.s1_units(linear)
     assert units == "linear" and share == 1.0
-    back = predict.to_db(np.array([1.0, 0.01, 0.0, -1.0], np.float32))
+    back = input_units.to_db(np.array([1.0, 0.01, 0.0, -1.0], np.float32))
     np.testing.assert_allclose(back[:2], [0.0, -20.0], atol=1e-6)
     assert np.isnan(back[2:]).all()
     assert predict.gdal_path("gs://b/k/s2.tif") == "/vsigs/b/k/s2.tif"
@@ -395,7 +404,7 @@ def test_readme_map_a_scene_commands_run_as_written(tmp_path):
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
     commands = [c for c in block.replace("\\\n", " ").splitlines()
                 if c.strip() and not c.startswith("#")]
-    assert any("mosaic_jax.inference.predict" in c for c in commands)
+    assert any("mosaic_jax predict" in c and "--reference" in c for c in commands)
     untrained_workdir(model_config("demo"), tmp_path / "runs" / "demo")
     # `python` in the commands is this interpreter, as in the environment README sets up.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
@@ -520,3 +529,371 @@ def test_quicklook_classes_keep_their_commas(tiny, scenes, tmp_path, capsys, mon
                       "--quicklook_class", "Beaches, dunes, sands",
                       "--quicklook_class", "Urban fabric"])
     assert seen["quicklook_classes"] == ["Beaches, dunes, sands", "Urban fabric"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The three units of predict_scene, each driven alone
+
+
+def test_row_accumulator_pops_the_blend_of_all_windows_row_by_row():
+    rng = np.random.default_rng(4)
+    h, w, size, stride, c = 370, 250, 120, 50, 3
+    rows = scene_windows.window_offsets(h, size, stride)
+    cols = scene_windows.window_offsets(w, size, stride)
+    rlo, rhi = scene_windows.covered_cells(rows, size, h, stride)
+    clo, chi = scene_windows.covered_cells(cols, size, w, stride)
+    oh, ow = scene_windows.output_length(h, stride), scene_windows.output_length(w, stride)
+    probs = rng.uniform(size=(len(rows), len(cols), c))
+    keep = rng.uniform(size=(len(rows), len(cols))) > 0.4
+    sums, counts = np.zeros((oh, ow, c)), np.zeros((oh, ow), np.int64)  # the whole-scene way
+    acc = scene_windows.RowAccumulator(ow, c)
+    out = []
+    for k in range(len(rows)):
+        j = np.flatnonzero(keep[k])
+        i = np.full(len(j), k)
+        scene_windows.accumulate(sums, counts, probs[k, j], (rlo[i], rhi[i]), (clo[j], chi[j]))
+        acc.add(probs[k, j], (rlo[i], rhi[i]), (clo[j], chi[j]))
+        done = oh if k + 1 == len(rows) else int(rlo[k + 1])  # no later window reaches them
+        out.append(acc.pop(done))
+        assert len(acc.sums) <= size // stride + 2  # only the open rows are held
+    got = np.concatenate(out)
+    np.testing.assert_array_equal(got, scene_windows.blend(sums, counts))
+    assert np.isnan(got).any() and np.isfinite(got).any()
+    assert acc.pop(oh).shape == (0, ow, c)
+    with pytest.raises(ValueError, match="covers output row 0, already written"):
+        acc.add(probs[0, :1], (rlo[:1], rhi[:1]), (clo[:1], chi[:1]))
+
+
+def test_scene_reader_reads_bands_of_rows_in_the_models_units(scenes, tmp_path):
+    s1, s2 = scenes["nodata"]
+    x1, _, _ = _read(s1)
+    x2, _, _ = _read(s2)
+    linear = str(tmp_path / "s1_linear.tif")
+    _write_like(linear, (10 ** (x1 / 10)).astype(np.float32), s1)
+    with rasterio.open(linear) as f1, rasterio.open(s2) as f2:
+        reader = scene_reader.SceneReader(f1, f2, [1, 2], [2, 3, 4], 120, s1_linear=True,
+                                          s2_scale=0.5)
+        band = reader.read(60)
+        np.testing.assert_allclose(band.s1, x1[60:180], atol=1e-4)  # back in dB
+        np.testing.assert_array_equal(band.s2, x2[60:180, :, 1:4].astype(np.float32) * 0.5)
+        assert band.top == 60 and band.s2.dtype == np.float32
+        np.testing.assert_array_equal(band.valid[:, :260], True)
+        np.testing.assert_array_equal(band.valid[:, 260:], False)  # the no-data edge
+        bands = list(reader.bands([0, 120, 60]))
+    assert [b.top for b in bands] == [0, 120, 60]
+    np.testing.assert_array_equal(bands[2].s2, band.s2)
+
+
+def _run_tag(path):
+    if path.endswith(".png"):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.info.get(map_writer.RUN_TAG)
+    with rasterio.open(path) as src:
+        return src.tags().get(map_writer.RUN_TAG)
+
+
+def _write_run(out, run_id, *, labels=True, quicklook=True, rows=None):
+    """A small finished map (2 x 3 cells, 2 classes) written by a MapWriter as run `run_id`."""
+    profile = dict(driver="GTiff", width=3, height=2, crs="EPSG:32633",
+                   transform=rasterio.Affine(600.0, 0.0, 399960.0, 0.0, -600.0, 5000040.0))
+    rows = np.full((2, 3, 2), 0.7, np.float32) if rows is None else rows
+
+    def draw(src, dst):
+        from mosaic_jax.inference.quicklook import write_quicklook
+
+        write_quicklook(src, dst, ["a", "b"], ["a", "b"], title=["t"], run_id=run_id)
+
+    with map_writer.MapWriter(out, profile, ["a", "b"], labels_threshold=0.5 if labels else None,
+                              run_id=run_id, log=lambda s: None) as writer:
+        writer.write_rows(rows[:1])
+        writer.write_rows(rows[1:])
+        return writer.finish(draw if quicklook else None)
+
+
+def test_map_writer_writes_rows_and_tags_every_file(tmp_path):
+    rows = np.array([[[0.2, 0.9], [np.nan, np.nan], [0.5, 0.1]],
+                     [[0.6, 0.4], [0.3, 0.3], [0.0, 1.0]]], np.float32)
+    out = str(tmp_path / "m.tif")
+    paths = _write_run(out, "run-1", rows=rows)
+    assert paths == {"map": out, "labels": str(tmp_path / "m_labels.tif"),
+                     "quicklook": str(tmp_path / "m.png")}
+    np.testing.assert_array_equal(_read(out)[0], rows)
+    labels = _read(paths["labels"])[0]
+    np.testing.assert_array_equal(labels, scene_windows.multi_hot(rows, 0.5))
+    assert labels[0, 1].tolist() == [255, 255]
+    assert {_run_tag(p) for p in paths.values()} == {"run-1"}
+    assert sorted(os.listdir(tmp_path)) == ["m.png", "m.tif", "m_labels.tif"]  # no temp left
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 2])
+def test_a_run_killed_while_publishing_leaves_files_of_one_run(tmp_path, monkeypatch, kill_after):
+    """Run "new" dies after `kill_after` of its files are moved into place (a SIGKILL between
+    publications); whatever is on disk must belong to the map on disk."""
+    out = str(tmp_path / "m.tif")
+    _write_run(out, "old")
+    moves = []
+    real_move = map_writer._move
+
+    def dying_move(local, path):
+        if len(moves) == kill_after:
+            raise KeyboardInterrupt("killed")
+        moves.append(path)
+        real_move(local, path)
+
+    monkeypatch.setattr(map_writer, "_move", dying_move)
+    with pytest.raises(KeyboardInterrupt):
+        _write_run(out, "new")
+    map_run = _run_tag(out)
+    assert map_run == ("old" if kill_after == 0 else "new")
+    for companion in ("m_labels.tif", "m.png"):
+        path = str(tmp_path / companion)
+        if os.path.exists(path):
+            assert _run_tag(path) == map_run, (companion, kill_after)
+    assert moves[:1] in ([], [out])  # the map goes first
+
+
+def test_stale_temp_folders_of_killed_runs_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".m.tif.predict-{dead_pid}-abc"
+    live = tmp_path / f".m.tif.predict-{os.getpid()}-def"
+    other = tmp_path / f".n.tif.predict-{dead_pid}-ghi"  # another output's: not ours to judge
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "probs.tif").write_bytes(b"partial")
+    messages = []
+    removed = map_writer.remove_stale_temp(str(tmp_path / "m.tif"), messages.append)
+    assert removed == [str(stale)] and not stale.exists()
+    assert live.exists() and other.exists()
+    assert len(messages) == 1 and str(stale) in messages[0]
+    _write_run(str(tmp_path / "n.tif"), "r")  # a run writing n.tif cleans n.tif's
+    assert not other.exists() and live.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs that are inputs, inputs in the wrong units
+
+
+def _digest(path):
+    with open(path, "rb") as f:
+        return hash(f.read())
+
+
+def test_an_output_that_is_an_input_is_refused_before_any_work(tiny, scenes, tmp_path,
+                                                              monkeypatch):
+    export_dir, _ = tiny
+    s1, s2 = scenes["grid"]
+    work = tmp_path / "w"
+    work.mkdir()
+    for name, src in (("s1.tif", s1), ("s2.tif", s2)):
+        (work / name).write_bytes(pathlib.Path(src).read_bytes())
+    os.symlink(work / "s2.tif", work / "link.tif")
+    os.link(work / "s1.tif", work / "hard.tif")
+    (work / "x_labels.tif").write_bytes(pathlib.Path(s1).read_bytes())
+    (work / "y.png").write_bytes(pathlib.Path(s2).read_bytes())
+    monkeypatch.chdir(work)
+    a1, a2 = str(work / "s1.tif"), str(work / "s2.tif")
+    before = {p: _digest(work / p) for p in os.listdir(work)}
+    monkeypatch.setattr(predict, "load_embedder", lambda d: pytest.fail("work started"))
+    cases = [  # (s1, s2, output, the input it would overwrite)
+        (a1, a2, a2, a2), (a1, a2, "s2.tif", a2), (a1, a2, str(work / "link.tif"), a2),
+        (a1, a2, "hard.tif", a1), (a1, "link.tif", a2, "link.tif"),
+        (str(work / "x_labels.tif"), a2, str(work / "x.tif"), str(work / "x_labels.tif")),
+        (a1, "y.png", "y.tif", "y.png"),
+    ]
+    for in1, in2, output, victim in cases:
+        with pytest.raises(ValueError, match=re.escape(output) + ".* would overwrite the "
+                           "--s[12] input " + re.escape(victim)):
+            predict.predict_scene(export_dir, in1, in2, output, labels_threshold=0.5,
+                                  progress=False)
+    assert {p: _digest(work / p) for p in os.listdir(work)} == before
+
+
+def test_s2_reflectance_in_0_to_1_is_converted_and_said(tiny, scenes, tmp_path):
+    export_dir, _ = tiny
+    s1, s2 = scenes["grid"]
+    x2 = _read(s2)[0]
+    fraction = str(tmp_path / "s2_fraction.tif")
+    _write_like(fraction, (x2 / 10000.0).astype(np.float32), s2, nodata=None)
+    messages = []
+    out, ref = str(tmp_path / "f.tif"), str(tmp_path / "ref.tif")
+    summary = predict.predict_scene(export_dir, s1, fraction, out, stride=120, quicklook=False,
+                                    progress=False, log=messages.append)
+    predict.predict_scene(export_dir, s1, s2, ref, stride=120, quicklook=False, progress=False)
+    assert summary["s2_scale"] == 10000.0
+    assert any(fraction in m and "multiplying it by 10000" in m for m in messages)
+    np.testing.assert_allclose(_read(out)[0], _read(ref)[0], atol=1e-5)
+
+
+def test_s2_far_outside_the_models_range_is_refused_naming_the_band(tiny, scenes, tmp_path):
+    export_dir, _ = tiny
+    s1, s2 = scenes["grid"]
+    x2 = _read(s2)[0].astype(np.float64)
+    eight_bit = str(tmp_path / "s2_8bit.tif")  # a display stretch: 0..255
+    _write_like(eight_bit, np.clip(x2 / 40, 1, 255).astype(np.uint8), s2)
+    with pytest.raises(ValueError, match=re.escape(eight_bit) + r": even its brightest band "
+                       r"B\w+ stays below .*8-bit.*expects L2A reflectance x 10000"):
+        predict.predict_scene(export_dir, s1, eight_bit, str(tmp_path / "x.tif"),
+                              progress=False)
+    huge = str(tmp_path / "s2_huge.tif")
+    _write_like(huge, (x2 * 10000).astype(np.float32), s2)
+    with pytest.raises(ValueError, match=re.escape(huge) + r": even its darkest band B\w+ "
+                       "stays above"):
+        predict.predict_scene(export_dir, s1, huge, str(tmp_path / "x.tif"), progress=False)
+    assert not os.path.exists(tmp_path / "x.tif")
+
+
+def test_s2_units_check_on_arrays():
+    spec = {"bands": ["B02", "B08"], "mean": [438.0, 2193.0], "std": [607.0, 1369.0],
+            "units": "L2A reflectance x 10000"}
+    rng = np.random.default_rng(5)
+    x = np.stack([rng.uniform(200, 900, 500), rng.uniform(1500, 4000, 500)])
+    assert input_units.s2_scale(x, spec, "a.tif", is_float=False) == 1.0
+    assert input_units.s2_scale(x / 1e4, spec, "a.tif", is_float=True) == 10000.0
+    with pytest.raises(ValueError, match=r"a\.tif: even its brightest band B08 stays below"):
+        input_units.s2_scale(x / 1e4, spec, "a.tif", is_float=False)  # integers cannot be 0..1
+    zeros = x.copy()
+    zeros[:, :400] = 0  # S2 fill: not counted
+    assert input_units.s2_scale(zeros, spec, "a.tif", is_float=False) == 1.0
+    assert input_units.s2_scale(x / 1e4, {**spec, "units": "other"}, "a", is_float=True) == 1.0
+
+
+@pytest.mark.parametrize("value,key", [(0.0, r"inputs\.s2\.std\[3\] \(B05\) is 0\.0"),
+                                       (-2.0, r"inputs\.s2\.std\[3\] \(B05\) is -2\.0"),
+                                       (float("nan"), r"inputs\.s2\.std\[3\] \(B05\) is nan")])
+def test_a_model_json_std_that_is_not_positive_is_refused(tiny, scenes, tmp_path, value, key):
+    export_dir, info = tiny
+    broken = tmp_path / "export"
+    shutil.copytree(export_dir, broken)
+    model = json.loads((broken / "model.json").read_text())
+    assert model["inputs"]["s2"]["bands"][3] == "B05"
+    model["inputs"]["s2"]["std"][3] = value
+    (broken / "model.json").write_text(json.dumps(model))
+    s1, s2 = scenes["grid"]
+    with pytest.raises(ValueError, match=re.escape(str(broken / "model.json")) + ": " + key):
+        predict.predict_scene(str(broken), s1, s2, str(tmp_path / "x.tif"), progress=False)
+    assert not os.path.exists(tmp_path / "x.tif")
+
+
+# ----------------------------------------------------------------------------------------------
+# The quick look, the fake scene's truth, the map against it
+
+
+def test_quicklook_names_scene_model_classes_and_no_data(tiny, scenes, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    export_dir, info = tiny
+    s1, s2 = scenes["nodata"]
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self),
+                                                                  save(self, *a, **k))[1])
+    out = str(tmp_path / "q.tif")
+    summary = predict.predict_scene(export_dir, s1, s2, out, stride=60, progress=False,
+                                    quicklook_note="from S1 only (test)")
+    (fig,) = figures
+    title = fig._suptitle.get_text()
+    assert os.path.basename(s2) in title and os.path.basename(s1) in title
+    assert "export (" in title and info["objective"] in title
+    assert title.splitlines()[-1] == "from S1 only (test)"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    chosen = summary["quicklook_classes"]
+    assert legend == [f"{c}: {n}" for c, n in zip(("red", "green", "blue"), chosen,
+                                                   strict=True)] + ["grey: no data"]
+    assert _run_tag(summary["quicklook"]) == summary["run_id"] == _run_tag(out)
+    rgb = quicklook.composite(np.array([[[0.2, np.nan]], [[0.5, np.nan]]], np.float32))
+    np.testing.assert_allclose(rgb[0, 0], [0.2, 0.5, 0.0])
+    np.testing.assert_allclose(rgb[0, 1], [quicklook.NODATA_GREY] * 3)
+
+
+def test_fake_scene_reference_holds_the_classes_its_pixels_were_made_of(tmp_path):
+    from data_builders import fake_bigearthnet, reference_labels
+    from data_builders.bigearthnet_v2.bigearthnet_v2 import CLASS_NAMES, S2_BANDS
+    from data_builders.fake_scene import patch_row
+
+    s1, s2, ref = (str(tmp_path / n) for n in ("s1.tif", "s2.tif", "ref.tif"))
+    write_fake_scene(s1, s2, height=240, width=300, seed=7, nodata_edge=30, reference_path=ref)
+    classes, transform, crs = _read(ref)
+    classes = classes[..., 0]
+    x2, t2, c2 = _read(s2)
+    assert (transform, crs) == (t2, c2) and classes.shape == x2.shape[:2]
+    with rasterio.open(ref) as src:
+        assert reference_labels.class_names_of(src.tags(), ref) == list(CLASS_NAMES)
+        assert src.nodata == 255 and src.descriptions == ("class_index",)
+    rng = np.random.default_rng(7)  # the scene's first patch row, regenerated
+    np.testing.assert_array_equal(classes[:120, :270], patch_row(rng, 300)[2][:, :270])
+    assert (classes[:, 270:] == 255).all() and (x2[:, 270:] == 0).all()
+    # Meaning: the pixels of each class carry that class's reflectance (10 m bands).
+    ten_m = [S2_BANDS.index(b) for b in ("B02", "B03", "B04", "B08")]
+    for c in np.unique(classes[classes != 255]):
+        pixels = x2[classes == c][:, ten_m].astype(np.float64)
+        if len(pixels) < 2000:
+            continue
+        signature = fake_bigearthnet._SIGNATURES[c, ten_m]
+        np.testing.assert_allclose(np.median(pixels, axis=0), signature, rtol=0.35,
+                                   err_msg=CLASS_NAMES[c])
+
+
+def test_reference_cells_and_ap_against_a_brute_force_reference():
+    rng = np.random.default_rng(8)
+    classes = rng.integers(0, 4, size=(25, 17)).astype(np.uint8)
+    classes[rng.uniform(size=classes.shape) < 0.2] = 255
+    classes[:10, :10] = 255  # a fully unlabelled cell
+    truth, labelled = map_accuracy.reference_cells(classes, 10, 4)
+    assert truth.shape == (3, 2, 4)
+    for y in range(3):
+        for x in range(2):
+            block = classes[y * 10:(y + 1) * 10, x * 10:(x + 1) * 10]
+            assert truth[y, x].tolist() == [bool((block == c).any()) for c in range(4)]
+            assert labelled[y, x] == bool((block != 255).any())
+    probs = rng.uniform(size=(3, 2, 4))
+    probs[2, 1] = np.nan  # a cell without data
+    ap, positives, cells = map_accuracy.cell_average_precision(probs, truth, labelled)
+    use = labelled & np.isfinite(probs).all(-1)
+    assert cells == use.sum() == 4
+    from mosaic_jax.evaluation.metrics import average_precision_per_class
+
+    np.testing.assert_array_equal(ap, average_precision_per_class(probs[use], truth[use]))
+    np.testing.assert_array_equal(positives, truth[use].sum(0))
+
+
+def test_predict_reports_the_maps_ap_against_the_fake_scenes_truth(tiny, tmp_path):
+    export_dir, info = tiny
+    s1, s2, ref = (str(tmp_path / n) for n in ("s1.tif", "s2.tif", "ref.tif"))
+    write_fake_scene(s1, s2, height=240, width=360, seed=9, nodata_edge=100, reference_path=ref)
+    out = str(tmp_path / "map.tif")
+    result = predict.predict_scene(export_dir, s1, s2, out, stride=60, quicklook=False,
+                                   progress=False, reference=ref)["reference"]
+    got, _, _ = _read(out)
+    truth, labelled = map_accuracy.reference_cells(_read(ref)[0][..., 0], 60, 19)
+    use = labelled & np.isfinite(got).all(-1)
+    from mosaic_jax.evaluation.metrics import average_precision_per_class
+
+    want = average_precision_per_class(got[use], truth[use])
+    assert result["cells"] == use.sum() == 4 * 5  # the last column of cells has no data
+    assert result["class_names"] == info["class_names"]
+    np.testing.assert_allclose([np.nan if a is None else a for a in result["ap"]], want)
+    chance = [None if a is None else a for a in result["chance_ap"]]
+    np.testing.assert_allclose([np.nan if a is None else a for a in chance],
+                               np.where(np.isnan(want), np.nan, truth[use].mean(0)))
+    table = map_accuracy.format_ap_table(result)
+    assert table.count("\n") == 19 + 2 and "| **mean over classes with cells** | 20 cells" in table
+    # The truth as a map has AP 1 for every class it holds.
+    perfect = str(tmp_path / "perfect.tif")
+    _write_like(perfect, truth.astype(np.float32), out)
+    perfect_ap = map_accuracy.evaluate_map(perfect, ref)["ap"]
+    assert all(a == 1.0 for a in perfect_ap if a is not None)
+    with pytest.raises(ValueError, match="is not the grid of reference"):
+        map_accuracy.evaluate_map(out, _shifted(ref, tmp_path))
+
+
+def _shifted(path, tmp_path):
+    moved = str(tmp_path / "moved_ref.tif")
+    data, transform, _ = _read(path)
+    _write_like(moved, data, path, transform=transform @ transform.translation(1, 0))
+    with rasterio.open(path) as src, rasterio.open(moved, "r+") as dst:
+        dst.update_tags(**src.tags())
+    return moved

@@ -1,63 +1,69 @@
 """Land-cover probability maps of whole Sentinel-1/Sentinel-2 scenes with an exported model.
 
 ``python -m mosaic_jax predict --export OUT --s1 s1.tif --s2 s2.tif --output map.tif
-[--stride 60] [--batch_size 256] [--min_valid 0.5] [--labels_threshold 0.5]`` slides windows of
-the model's patch size (``model.json["input_size"]``) over the scene every ``--stride`` pixels,
-runs them in batches through the exported embedder (`mosaic_jax.export.load_embedder`, no
-training code) and blends overlapping predictions (mean per output cell; geometry in
-`mosaic_jax.inference.scene_windows`).
+[--stride 60] [--batch_size 256] [--min_valid 0.5] [--labels_threshold 0.5]
+[--reference labels.tif]`` slides windows of the model's patch size (``model.json["input_size"]``)
+over the scene every ``--stride`` pixels, runs them in batches through the exported embedder
+(`mosaic_jax.export.load_embedder`, no training code) and blends overlapping predictions (mean
+per output cell). Three units, each testable alone: `scene_reader.SceneReader` (bands of rows in
+the model's units), `scene_windows.RowAccumulator` (the blend; geometry in
+`mosaic_jax.inference.scene_windows`) and `map_writer.MapWriter` (the outputs); this module
+checks the inputs and runs the windows through the model between them.
 
 Inputs: one GeoTIFF per modality (local path or ``gs://``, read through GDAL's ``/vsigs/``),
 every band at the S2 10 m grid, in ``model.json``'s units (S1 backscatter in dB, S2 reflectance
 x 10000). Bands are taken by name when the file's band descriptions name them (any order, extra
 bands ignored), otherwise the file must hold exactly the model's bands in ``model.json``'s
 order. S1 on another grid than S2 is resampled onto the S2 grid (bilinear, rasterio
-``WarpedVRT``; ``--grid_mismatch error`` refuses instead). S1 that looks like linear power is
-refused unless ``--s1_linear`` converts it to dB. Pixels with NaN, an S2 all-zero fill or the
-file's nodata value are invalid: they are fed as the band mean, and windows with less than
-``--min_valid`` valid pixels are skipped (their cells are nodata unless another window covers
-them).
+``WarpedVRT``; ``--grid_mismatch error`` refuses instead). Units are checked on a sample of rows
+(`mosaic_jax.inference.input_units`): S1 that looks like linear power is refused unless
+``--s1_linear`` converts it to dB; S2 as float reflectance in 0..1 is multiplied by 10000 (and
+the run says so); S2 far outside the model's range (a scaled 8-bit picture) is refused naming
+the band; so is a ``model.json`` with a std that is not positive. Pixels with NaN, an S2
+all-zero fill or the file's nodata value are invalid: they are fed as the band mean, and windows
+with less than ``--min_valid`` valid pixels are skipped (their cells are nodata unless another
+window covers them).
 
 Output, on the S2 grid at the stride's resolution (pixel = ``stride`` input pixels, same CRS,
 origin and orientation): a Cloud Optimized GeoTIFF (GDAL's COG driver: 256 px tiles, DEFLATE
 with floating-point predictor, internal average overviews when the map is larger than one tile)
 with one float32 band per class probability (band description = class name, nodata NaN); with
 ``--labels_threshold T`` a second COG ``<output>_labels.tif``, uint8 multi-hot (1 where p >= T,
-0 below, 255 nodata, nearest overviews); and a quick-look PNG ``<output>.png`` of chosen classes.
-Each file is written atomically (`data_builders.atomic_files`). Reads and writes are windowed:
-memory is bounded by the batch and one band of rows, not by the scene size.
+0 below, 255 nodata, nearest overviews); and a quick-look PNG ``<output>.png``
+(`mosaic_jax.inference.quicklook`). An output that is one of the inputs is refused before any
+work. The files are made in a hidden temp folder and published so that they always belong to
+one run (`mosaic_jax.inference.map_writer`). Reads and writes are windowed: memory is bounded by
+the batch and one band of rows, not by the scene size. With ``--reference`` the map's per-class
+AP against a reference label raster is printed (`mosaic_jax.inference.map_accuracy`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 import os
-import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
 import numpy as np
 import rasterio
-import rasterio.shutil
-import rasterio.windows
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from data_builders import atomic_files, cli
-from mosaic_jax.export import load_embedder, load_model_info
-from mosaic_jax.inference import scene_windows
-
-LABEL_NODATA = 255
-QUICKLOOK_MAX_SIDE = 1024
-S1_LINEAR_SHARE = 0.95
-"""S1 whose sampled values are >= 0 for more than this share looks like linear power."""
+from data_builders import cli
+from mosaic_jax.export import MODEL_FILE, load_embedder, load_model_info
+from mosaic_jax.inference import input_units, map_accuracy, scene_windows
+from mosaic_jax.inference.input_units import s1_units
+from mosaic_jax.inference.map_writer import MapWriter, check_outputs_spare_inputs, output_paths
+from mosaic_jax.inference.quicklook import title_lines, write_quicklook
+from mosaic_jax.inference.scene_reader import RowBand, SceneReader
 
 
 def gdal_path(path: str | os.PathLike[str]) -> str:
@@ -87,28 +93,6 @@ def band_indexes(descriptions: Sequence[str | None], count: int, want: Sequence[
         raise ValueError(f"{modality} file {path} has {count} band(s) without descriptions; the "
                          f"model needs {len(want)}, in this order: {list(want)}")
     return list(range(1, count + 1))
-
-
-def s1_units(sample: np.ndarray) -> tuple[str, float]:
-    """("dB" or "linear", share of values >= 0) of finite S1 sample values.
-
-    Backscatter in dB is almost all negative (BigEarthNet S1 means -12.6 dB VV, -19.4 dB VH);
-    linear power (or amplitude) is never negative.
-    """
-    values = sample[np.isfinite(sample)]
-    if values.size == 0:
-        return "dB", 0.0
-    share = float(np.mean(values >= 0))
-    return ("linear" if share > S1_LINEAR_SHARE else "dB"), share
-
-
-def to_db(linear: np.ndarray) -> np.ndarray:
-    """float32 ``10 log10(x)``; NaN where ``x <= 0`` (no-data fill of linear products)."""
-    x = np.asarray(linear, dtype=np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = 10.0 * np.log10(x)
-    out[~(x > 0)] = np.nan
-    return out.astype(np.float32)
 
 
 def _sample_rows(src: Any, indexes: list[int], blocks: int = 8, rows: int = 16,
@@ -146,91 +130,10 @@ def _pixel_km2(src: Any) -> float:
     return area * factor * factor / 1e6
 
 
-def _replace_suffix(path: str, suffix: str) -> str:
-    """``maps/a.tif`` -> ``maps/a<suffix>`` (also for gs:// paths)."""
-    base, ext = os.path.splitext(path)
-    return (base if ext.lower() in (".tif", ".tiff") else path) + suffix
-
-
-def _publish(local: str, path: str) -> None:
-    """Moves the finished file ``local`` to ``path`` atomically: renamed beside a local path,
-    uploaded as one object to a URL (the maps are small: scene size / stride^2)."""
-    if atomic_files.is_remote(path):
-        with open(local, "rb") as src, atomic_files.open_atomic(path) as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        return
-    with atomic_files.atomic_path(path) as tmp:
-        os.replace(local, tmp)
-
-
-def _to_cog(src_path: str, dst_path: str, resampling: str) -> None:
-    """GDAL COG copy: 256 px tiles, DEFLATE, internal overviews with `resampling`."""
-    with rasterio.open(src_path) as src:
-        predictor = "FLOATING_POINT" if np.dtype(src.dtypes[0]).kind == "f" else "NO"
-    rasterio.shutil.copy(src_path, dst_path, driver="COG", COMPRESS="DEFLATE",
-                         PREDICTOR=predictor, BLOCKSIZE=256, OVERVIEWS="AUTO",
-                         RESAMPLING=resampling)
-
-
-def write_quicklook(map_path: str, png_path: str, classes: Sequence[str],
-                    class_names: Sequence[str]) -> None:
-    """PNG of the probability maps of `classes` (one panel each, 0..1 colour scale, nodata
-    grey), read decimated to at most `QUICKLOOK_MAX_SIDE` px a side from the local map file."""
-    from matplotlib import colormaps  # matplotlib: heavy, only for the quick-look picture
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    with rasterio.open(map_path) as src:
-        scale = max(1.0, max(src.height, src.width) / QUICKLOOK_MAX_SIDE)
-        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
-        idx = [list(class_names).index(c) + 1 for c in classes]
-        data = src.read(idx, out_shape=(len(idx), *shape), resampling=Resampling.nearest)
-    cols = len(classes)
-    fig = Figure(figsize=(3.2 * cols + 1.0, 3.2 * shape[0] / shape[1] + 0.6), dpi=110,
-                 layout="constrained")
-    FigureCanvasAgg(fig)
-    cmap = colormaps["viridis"].with_extremes(bad="0.6")
-    image = None
-    for i, name in enumerate(classes):
-        ax = fig.add_subplot(1, cols, i + 1)
-        image = ax.imshow(np.ma.masked_invalid(data[i]), cmap=cmap, vmin=0, vmax=1,
-                          interpolation="nearest")
-        ax.set_title(name if len(name) <= 32 else name[:30] + "...", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(image, ax=fig.axes, shrink=0.8, label="probability")
-    with atomic_files.open_atomic(png_path) as f:
-        fig.savefig(f, format="png")
-
-
-def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
-                  stride: int | None = None, batch_size: int = 256, min_valid: float = 0.5,
-                  labels_threshold: float | None = None,
-                  quicklook_classes: Sequence[str] | None = None, quicklook: bool = True,
-                  grid_mismatch: str = "resample", s1_linear: bool = False,
-                  progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Maps a scene with an export; writes the COG(s) and PNG the module doc lists.
-
-    Args:
-      export_dir: folder written by ``python -m mosaic_jax export``.
-      s1_path, s2_path: the scene's GeoTIFFs (local or ``gs://``).
-      output: probability map path (``.tif``; local or ``gs://``).
-      stride: window step in input pixels, 1..patch size (default: half the patch size).
-      batch_size: windows per embedder call (the last batch is padded).
-      min_valid: windows with a smaller share of valid pixels are skipped (0..1).
-      labels_threshold: if set (0..1), also writes the multi-hot label COG.
-      quicklook_classes: class names for the PNG (default: the 3 with the highest mean).
-      grid_mismatch: "resample" S1 onto the S2 grid, or "error".
-      s1_linear: the S1 file holds linear power; converted to dB.
-
-    Returns a summary: paths, grid, window counts, km^2, seconds per stage (``loop``: the
-    windows' pass after the one compile; ``read``: waiting for the reader thread, which reads
-    one band of rows ahead; ``host_share``: read + prepare + blend/write over ``loop``).
-    """
-    t_start = time.perf_counter()
-    info = load_model_info(export_dir)
-    size = int(info["input_size"])
-    stride = size // 2 if stride is None else int(stride)
+def check_arguments(size: int, stride: int, batch_size: int, min_valid: float,
+                    labels_threshold: float | None, grid_mismatch: str,
+                    class_names: Sequence[str], quicklook_classes: Sequence[str] | None) -> None:
+    """ValueError naming the option when an argument of `predict_scene` is out of range."""
     if not 1 <= stride <= size:
         raise ValueError(f"--stride must be between 1 and the model's patch size {size}, "
                          f"got {stride}")
@@ -242,262 +145,328 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
         raise ValueError(f"--labels_threshold must be in [0, 1], got {labels_threshold}")
     if grid_mismatch not in ("resample", "error"):
         raise ValueError(f"--grid_mismatch must be 'resample' or 'error', got {grid_mismatch!r}")
-    class_names = list(info["class_names"])
     for name in quicklook_classes or ():
         if name not in class_names:
-            raise ValueError(f"--quicklook_classes: {name!r} is not a class of the export; "
-                             f"classes: {class_names}")
+            raise ValueError(f"--quicklook_class: {name!r} is not a class of the export; "
+                             f"classes: {list(class_names)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneInputs:
+    """The opened scene: ``s1`` on the S2 grid (the file, or a resampling VRT), ``s2``, the
+    1-based band indexes of the model's bands, whether S1 was resampled, the S2 factor into the
+    model's units (`input_units.s2_scale`)."""
+
+    s1: Any
+    s2: Any
+    s1_bands: list[int]
+    s2_bands: list[int]
+    s1_resampled: bool
+    s2_scale: float
+
+
+def _check_s1_units(s1: Any, bands: list[int], path: str, s1_linear: bool) -> None:
+    units, share = s1_units(_sample_rows(s1, bands))
+    if units == "linear" and not s1_linear:
+        raise ValueError(
+            f"S1 file {path} looks like linear power, not dB ({share:.0%} of the sampled "
+            "values are >= 0; dB backscatter is almost all negative): convert it with "
+            "10 log10(x), or pass --s1_linear")
+    if units == "dB" and s1_linear and share < 0.5:
+        raise ValueError(f"--s1_linear, but S1 file {path} looks like dB already "
+                         f"({1 - share:.0%} of the sampled values are negative)")
+
+
+def open_inputs(stack: contextlib.ExitStack, spec: dict[str, Any], s1_path: str, s2_path: str,
+                *, grid_mismatch: str = "resample", s1_linear: bool = False,
+                log: Callable[[str], None] = print) -> SceneInputs:
+    """Opens both files (closed with `stack`), finds the model's bands, puts S1 on the S2 grid
+    and checks both modalities' units against ``spec`` (``model.json["inputs"]``) on a sample
+    of rows: ValueError naming the file otherwise."""
+    s2 = stack.enter_context(rasterio.open(gdal_path(s2_path)))
+    s1_file = stack.enter_context(rasterio.open(gdal_path(s1_path)))
+    s2_idx = band_indexes(s2.descriptions, s2.count, spec["s2"]["bands"], s2_path, "s2")
+    s1_idx = band_indexes(s1_file.descriptions, s1_file.count, spec["s1"]["bands"],
+                          s1_path, "s1")
+    resampled = not _same_grid(s1_file, s2)
+    s1 = s1_file
+    if resampled:
+        text = (f"S1 file {s1_path} ({_grid_text(s1_file)}) is not on the grid of S2 file "
+                f"{s2_path} ({_grid_text(s2)})")
+        if grid_mismatch == "error":
+            raise ValueError(text + "; resample it, or pass --grid_mismatch resample")
+        float_s1 = np.dtype(s1_file.dtypes[0]).kind == "f"
+        s1 = stack.enter_context(WarpedVRT(
+            s1_file, crs=s2.crs, transform=s2.transform, width=s2.width, height=s2.height,
+            resampling=Resampling.bilinear, nodata=np.nan if float_s1 else s1_file.nodata))
+        log(text + ": resampling S1 onto the S2 grid (bilinear, WarpedVRT)")
+    _check_s1_units(s1, s1_idx, s1_path, s1_linear)
+    factor = input_units.s2_scale(_sample_rows(s2, s2_idx), spec["s2"], s2_path,
+                                  is_float=np.dtype(s2.dtypes[0]).kind == "f", nodata=s2.nodata)
+    if factor != 1.0:
+        log(input_units.describe_scale(s2_path, factor, spec["s2"]["units"]))
+    return SceneInputs(s1, s2, s1_idx, s2_idx, resampled, factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowGrid:
+    """Window offsets (pixels) along rows and columns, the (lo, hi) output cells each window
+    covers (`scene_windows.covered_cells`) and the output size in cells."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    row_cells: tuple[np.ndarray, np.ndarray]
+    col_cells: tuple[np.ndarray, np.ndarray]
+    out_h: int
+    out_w: int
+
+    @classmethod
+    def of_scene(cls, height: int, width: int, size: int, stride: int,
+                 name: str = "scene") -> WindowGrid:
+        scene_windows.check_geometry(height, size, stride, axis=f"{name} height")
+        scene_windows.check_geometry(width, size, stride, axis=f"{name} width")
+        rows = scene_windows.window_offsets(height, size, stride)
+        cols = scene_windows.window_offsets(width, size, stride)
+        return cls(rows, cols, scene_windows.covered_cells(rows, size, height, stride),
+                   scene_windows.covered_cells(cols, size, width, stride),
+                   scene_windows.output_length(height, stride),
+                   scene_windows.output_length(width, stride))
+
+    def complete_rows(self, open_band: int) -> int:
+        """Output rows before this one are final once every window of the bands before
+        ``open_band`` is accumulated (no later window reaches them)."""
+        return self.out_h if open_band >= len(self.rows) else int(self.row_cells[0][open_band])
+
+
+class ModelPipeline:
+    """Windows through the embedder in batches of ``batch``, two batches in flight (one filled
+    while the device runs the other); finished predictions go into ``accumulator``
+    (`scene_windows.RowAccumulator`). ``model_seconds``, ``blend_seconds``: time spent."""
+
+    def __init__(self, embed: Callable[..., Any], batch: int, size: int, channels: tuple[int, int],
+                 accumulator: scene_windows.RowAccumulator):
+        self.embed, self.batch, self.accumulator = embed, batch, accumulator
+        self.buffers = [tuple(np.zeros((batch, size, size, c), np.float32) for c in channels)
+                        for _ in range(2)]
+        self.slot, self.meta, self.pending = 0, [], None
+        self.model_seconds = self.blend_seconds = 0.0
+        self.windows_run = 0
+
+    def compile(self) -> float:
+        """Compiles for the batch shape (one call); its seconds."""
+        t = time.perf_counter()
+        jax.block_until_ready(self.embed(*self.buffers[0]))
+        return time.perf_counter() - t
+
+    def add(self, s1: np.ndarray, s2: np.ndarray, cells: tuple[int, int, int, int, int]) -> None:
+        """Queues one normalised window (s1 [S, S, c1], s2 [S, S, c2]); ``cells``: (band,
+        row lo, row hi, col lo, col hi). Runs the batch when it is full."""
+        i = len(self.meta)
+        self.buffers[self.slot][0][i] = s1
+        self.buffers[self.slot][1][i] = s2
+        self.meta.append(cells)
+        if len(self.meta) == self.batch:
+            self._launch()
+
+    def _launch(self) -> None:
+        t = time.perf_counter()
+        launched = (self.embed(*self.buffers[self.slot])["probs"], self.meta)  # asynchronous
+        self.model_seconds += time.perf_counter() - t
+        if self.pending is not None:
+            self._finish(self.pending)
+        self.pending, self.slot, self.meta = launched, 1 - self.slot, []
+
+    def _finish(self, pending: tuple[Any, list]) -> None:
+        out, meta = pending
+        t = time.perf_counter()
+        probs = np.asarray(jax.device_get(out))[:len(meta)]
+        self.model_seconds += time.perf_counter() - t
+        t = time.perf_counter()
+        m = np.asarray(meta, dtype=np.int64)
+        self.accumulator.add(probs, (m[:, 1], m[:, 2]), (m[:, 3], m[:, 4]))
+        self.blend_seconds += time.perf_counter() - t
+        self.windows_run += len(meta)
+
+    def drain(self) -> None:
+        """Runs the last (partial) batch and waits for every prediction."""
+        if self.meta:
+            self._launch()
+        if self.pending is not None:
+            self._finish(self.pending)
+            self.pending = None
+
+    def first_open_band(self, next_band: int) -> int:
+        """The first band with windows not accumulated yet (``next_band``: not read yet)."""
+        bands = [next_band] + [meta[0][0] for meta in (self.meta, self.pending and
+                                                        self.pending[1]) if meta]
+        return min(bands)
+
+
+def _normalised(band: RowBand, spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    n1 = scene_windows.normalise(band.s1, spec["s1"]["mean"], spec["s1"]["std"],
+                                 spec["s1"].get("clip_db"))
+    n2 = scene_windows.normalise(band.s2, spec["s2"]["mean"], spec["s2"]["std"])
+    if not band.valid.all():  # invalid pixels are fed as the band mean
+        n1[~band.valid] = 0.0
+        n2[~band.valid] = 0.0
+    return n1, n2
+
+
+def map_windows(reader: SceneReader, grid: WindowGrid, pipeline: ModelPipeline,
+                writer: MapWriter, spec: dict[str, Any], *, size: int, min_valid: float,
+                bar: Any = None) -> dict[str, float]:
+    """The windows' pass: reads each band of rows, queues its windows with enough valid pixels,
+    writes the output rows no later window reaches. Returns seconds per host stage."""
+    seconds = {"prepare": 0.0, "blend_write": 0.0}
+
+    def flush(next_band: int) -> None:
+        t = time.perf_counter()
+        limit = grid.complete_rows(pipeline.first_open_band(next_band))
+        writer.write_rows(pipeline.accumulator.pop(limit))
+        seconds["blend_write"] += time.perf_counter() - t
+
+    for k, band in enumerate(reader.bands(grid.rows)):
+        t = time.perf_counter()
+        fractions = scene_windows.window_valid_fractions(band.valid, grid.cols, size)
+        keep = np.flatnonzero(fractions >= min_valid if min_valid > 0 else fractions > 0)
+        if keep.size:
+            n1, n2 = _normalised(band, spec)
+        seconds["prepare"] += time.perf_counter() - t
+        for j in keep:
+            c0 = int(grid.cols[j])
+            pipeline.add(n1[:, c0:c0 + size], n2[:, c0:c0 + size],
+                         (k, int(grid.row_cells[0][k]), int(grid.row_cells[1][k]),
+                          int(grid.col_cells[0][j]), int(grid.col_cells[1][j])))
+        if bar is not None:
+            bar.update(len(grid.cols))
+        flush(k + 1)
+    pipeline.drain()
+    flush(len(grid.rows))
+    return seconds
+
+
+def window_pass(scene: SceneInputs, grid: WindowGrid, embed: Callable[..., Any],
+                writer: MapWriter, spec: dict[str, Any], *, size: int, batch_size: int,
+                min_valid: float, s1_linear: bool, progress: bool
+                ) -> tuple[ModelPipeline, dict[str, float]]:
+    """Compiles the embedder for the batch, then runs `map_windows` with a `SceneReader` of
+    the scene; (the pipeline, seconds per stage: read, prepare, model, blend_write, compile,
+    loop)."""
+    total = len(grid.rows) * len(grid.cols)
+    reader = SceneReader(scene.s1, scene.s2, scene.s1_bands, scene.s2_bands, size,
+                         s1_linear=s1_linear, s2_scale=scene.s2_scale)
+    pipeline = ModelPipeline(embed, min(batch_size, total), size,
+                             (len(scene.s1_bands), len(scene.s2_bands)),
+                             scene_windows.RowAccumulator(grid.out_w, len(writer.class_names)))
+    compile_seconds = pipeline.compile()
+    t_loop = time.perf_counter()
+    with tqdm(total=total, unit="win", desc="mapping", disable=not progress,
+              dynamic_ncols=True) as bar:
+        host = map_windows(reader, grid, pipeline, writer, spec, size=size,
+                           min_valid=min_valid, bar=bar)
+    return pipeline, {"read": reader.wait_seconds, "prepare": host["prepare"],
+                      "model": pipeline.model_seconds,
+                      "blend_write": host["blend_write"] + pipeline.blend_seconds,
+                      "compile": compile_seconds, "loop": time.perf_counter() - t_loop}
+
+
+def _check_files(export_dir: str, info: dict[str, Any], inputs: dict[str, str | None],
+                 output: str) -> None:
+    """Before any work: model.json's normalisation is usable, and no output is an input."""
+    input_units.check_normalisation(info, os.path.join(export_dir, MODEL_FILE))
+    check_outputs_spare_inputs({k: v for k, v in inputs.items() if v}, output_paths(output))
+
+
+def _export_name(export_dir: str, info: dict[str, Any]) -> str:
+    name = os.path.basename(os.path.normpath(export_dir))
+    return f"{name} ({info.get('objective', '?')}, {info.get('dataset', '?')})"
+
+
+def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
+                  stride: int | None = None, batch_size: int = 256, min_valid: float = 0.5,
+                  labels_threshold: float | None = None,
+                  quicklook_classes: Sequence[str] | None = None, quicklook: bool = True,
+                  quicklook_note: str | None = None, grid_mismatch: str = "resample",
+                  s1_linear: bool = False, reference: str | None = None,
+                  progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Maps a scene with an export; writes the COG(s) and PNG the module doc lists.
+
+    Args:
+      export_dir: folder written by ``python -m mosaic_jax export``.
+      s1_path, s2_path: the scene's GeoTIFFs (local or ``gs://``).
+      output: probability map path (``.tif``; local or ``gs://``); none of its files may be an
+        input.
+      stride: window step in input pixels, 1..patch size (default: half the patch size).
+      batch_size: windows per embedder call (the last batch is padded).
+      min_valid: windows with a smaller share of valid pixels are skipped (0..1).
+      labels_threshold: if set (0..1), also writes the multi-hot label COG.
+      quicklook_classes: class names for the PNG (default: the 3 with the highest mean).
+      quicklook_note: a free text line under the quick look's title (e.g. the modalities).
+      grid_mismatch: "resample" S1 onto the S2 grid, or "error".
+      s1_linear: the S1 file holds linear power; converted to dB.
+      reference: a reference class-index GeoTIFF on the S2 grid (`data_builders.fake_scene`):
+        the summary gets the map's per-class AP against it (`map_accuracy.evaluate_map`).
+
+    Returns a summary: paths, grid, window counts, km^2, seconds per stage (``loop``: the
+    windows' pass after the one compile; ``read``: waiting for the reader thread, which reads
+    and converts one band of rows ahead; ``host_share``: read + prepare + blend/write over
+    ``loop``).
+    """
+    t_start = time.perf_counter()
+    info = load_model_info(export_dir)
+    size = int(info["input_size"])
+    stride = size // 2 if stride is None else int(stride)
+    class_names = list(info["class_names"])
+    check_arguments(size, stride, batch_size, min_valid, labels_threshold, grid_mismatch,
+                    class_names, quicklook_classes)
+    _check_files(export_dir, info, {"--s1": s1_path, "--s2": s2_path, "--reference": reference},
+                 output)
     embed = load_embedder(export_dir)  # refuses a diverged (non-finite) model
     spec = {m: info["inputs"][m] for m in ("s1", "s2")}
-
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
     with contextlib.ExitStack() as stack:
-        s2 = stack.enter_context(rasterio.open(gdal_path(s2_path)))
-        s1_file = stack.enter_context(rasterio.open(gdal_path(s1_path)))
-        s2_idx = band_indexes(s2.descriptions, s2.count, spec["s2"]["bands"], s2_path, "s2")
-        s1_idx = band_indexes(s1_file.descriptions, s1_file.count, spec["s1"]["bands"],
-                              s1_path, "s1")
-        resampled = not _same_grid(s1_file, s2)
-        if resampled:
-            text = (f"S1 file {s1_path} ({_grid_text(s1_file)}) is not on the grid of S2 file "
-                    f"{s2_path} ({_grid_text(s2)})")
-            if grid_mismatch == "error":
-                raise ValueError(text + "; resample it, or pass --grid_mismatch resample")
-            float_s1 = np.dtype(s1_file.dtypes[0]).kind == "f"
-            s1 = stack.enter_context(WarpedVRT(
-                s1_file, crs=s2.crs, transform=s2.transform, width=s2.width, height=s2.height,
-                resampling=Resampling.bilinear,
-                nodata=np.nan if float_s1 else s1_file.nodata))
-            log(text + ": resampling S1 onto the S2 grid (bilinear, WarpedVRT)")
-        else:
-            s1 = s1_file
-        units, share = s1_units(_sample_rows(s1, s1_idx))
-        if units == "linear" and not s1_linear:
-            raise ValueError(
-                f"S1 file {s1_path} looks like linear power, not dB ({share:.0%} of the sampled "
-                "values are >= 0; dB backscatter is almost all negative): convert it with "
-                "10 log10(x), or pass --s1_linear")
-        if units == "dB" and s1_linear and share < 0.5:
-            raise ValueError(f"--s1_linear, but S1 file {s1_path} looks like dB already "
-                             f"({1 - share:.0%} of the sampled values are negative)")
-
-        height, width = s2.height, s2.width
-        scene_windows.check_geometry(height, size, stride, axis=f"S2 scene {s2_path} height")
-        scene_windows.check_geometry(width, size, stride, axis=f"S2 scene {s2_path} width")
-        row_offsets = scene_windows.window_offsets(height, size, stride)
-        col_offsets = scene_windows.window_offsets(width, size, stride)
-        row_cells = scene_windows.covered_cells(row_offsets, size, height, stride)
-        col_cells = scene_windows.covered_cells(col_offsets, size, width, stride)
-        out_h = scene_windows.output_length(height, stride)
-        out_w = scene_windows.output_length(width, stride)
-        num_classes = len(class_names)
-        total_windows = len(row_offsets) * len(col_offsets)
-        batch = min(batch_size, total_windows)
-        pixel_km2 = _pixel_km2(s2)
-        transform = s2.transform @ s2.transform.scale(stride, stride)
-        s1_nodata = None if s1_linear else s1.nodata  # linear <= 0 becomes NaN in to_db
-        s2_nodata = s2.nodata
-
-        folder = None  # intermediate files beside a local output, in the system temp else
-        if not atomic_files.is_remote(output):
-            folder = os.path.dirname(os.path.abspath(os.path.expanduser(output)))
-            os.makedirs(folder, exist_ok=True)
-        tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix=".mosaic_predict_",
-                                                                 dir=folder))
-        profile = dict(driver="GTiff", width=out_w, height=out_h, crs=s2.crs,
-                       transform=transform, compress="deflate", tiled=False,
-                       blockysize=max(1, min(16, out_h)))
-        probs_tmp = os.path.join(tmpdir, "probs.tif")
-        dst = stack.enter_context(rasterio.open(probs_tmp, "w", count=num_classes,
-                                                dtype="float32", nodata=np.nan, **profile))
-        dst.descriptions = tuple(class_names)
-        labels_dst = None
-        if labels_threshold is not None:
-            labels_tmp = os.path.join(tmpdir, "labels.tif")
-            labels_dst = stack.enter_context(rasterio.open(
-                labels_tmp, "w", count=num_classes, dtype="uint8", nodata=LABEL_NODATA,
-                **profile))
-            labels_dst.descriptions = tuple(class_names)
-
-        c1, c2 = len(s1_idx), len(s2_idx)
-        buffers = [(np.zeros((batch, size, size, c1), np.float32),
-                    np.zeros((batch, size, size, c2), np.float32)) for _ in range(2)]
-        timing = dict.fromkeys(("read", "prepare", "model", "blend_write"), 0.0)
-        state = {"acc_base": 0, "sums": np.zeros((0, out_w, num_classes)),
-                 "counts": np.zeros((0, out_w), np.int64), "written": 0,
-                 "class_sum": np.zeros(num_classes), "cells": 0, "run": 0}
-
-        def write_rows(limit: int) -> None:
-            """Blends and writes output rows [written, limit) (all their windows are in)."""
-            lo = state["written"]
-            if limit <= lo:
-                return
-            base = state["acc_base"]
-            have = max(0, min(limit, base + len(state["sums"])) - lo)
-            sums = np.zeros((limit - lo, out_w, num_classes))
-            counts = np.zeros((limit - lo, out_w), np.int64)
-            sums[:have] = state["sums"][lo - base:lo - base + have]
-            counts[:have] = state["counts"][lo - base:lo - base + have]
-            probs = scene_windows.blend(sums, counts)
-            seen = counts > 0
-            state["class_sum"] += probs[seen].sum(axis=0, dtype=np.float64)
-            state["cells"] += int(seen.sum())
-            window = Window(0, lo, out_w, limit - lo)
-            dst.write(np.moveaxis(probs, -1, 0), window=window)
-            if labels_dst is not None:
-                labels = scene_windows.multi_hot(probs, labels_threshold, LABEL_NODATA)
-                labels_dst.write(np.moveaxis(labels, -1, 0), window=window)
-            drop = max(0, limit - base)
-            state["sums"] = state["sums"][drop:].copy()
-            state["counts"] = state["counts"][drop:].copy()
-            state["acc_base"] = base + drop
-            state["written"] = limit
-
-        def accumulate(probs: np.ndarray, meta: list[tuple[int, int, int, int]]) -> None:
-            m = np.asarray(meta, dtype=np.int64)
-            hi = int(m[:, 1].max())
-            base = state["acc_base"]
-            grow = hi - base - len(state["sums"])
-            if grow > 0:
-                state["sums"] = np.concatenate(
-                    [state["sums"], np.zeros((grow, out_w, num_classes))])
-                state["counts"] = np.concatenate(
-                    [state["counts"], np.zeros((grow, out_w), np.int64)])
-            scene_windows.accumulate(state["sums"], state["counts"], probs,
-                                     (m[:, 0], m[:, 1]), (m[:, 2], m[:, 3]), row_base=base)
-
-        def dispatch(slot: int, meta: list) -> tuple[Any, list, int]:
-            t = time.perf_counter()
-            out = embed(*buffers[slot])["probs"]  # asynchronous: fetched in finish()
-            timing["model"] += time.perf_counter() - t
-            return out, meta, slot
-
-        def finish(pending: tuple[Any, list, int]) -> None:
-            out, meta, _ = pending
-            t = time.perf_counter()
-            probs = np.asarray(jax.device_get(out))[:len(meta)]
-            timing["model"] += time.perf_counter() - t
-            t = time.perf_counter()
-            accumulate(probs, [m[1:] for m in meta])
-            timing["blend_write"] += time.perf_counter() - t
-            state["run"] += len(meta)
-
-        def first_open_band(pending: tuple | None, meta: list, next_band: int) -> int:
-            bands = [next_band]
-            if pending is not None and pending[1]:
-                bands.append(pending[1][0][0])
-            if meta:
-                bands.append(meta[0][0])
-            return min(bands)
-
-        def flush_rows(pending: tuple | None, meta: list, next_band: int) -> None:
-            band = first_open_band(pending, meta, next_band)
-            limit = out_h if band >= len(row_offsets) else int(row_cells[0][band])
-            t = time.perf_counter()
-            write_rows(limit)
-            timing["blend_write"] += time.perf_counter() - t
-
-        t = time.perf_counter()  # compile for the batch shape before the timed loop
-        jax.block_until_ready(embed(*buffers[0]))
-        compile_seconds = time.perf_counter() - t
-        t_loop = time.perf_counter()
-        bar = tqdm(total=total_windows, unit="win", desc="mapping", disable=not progress,
-                   dynamic_ncols=True)
-        pending = None
-        slot, meta = 0, []
-        km2 = 0.0
-        def read_band(r0: int) -> tuple[np.ndarray, np.ndarray]:
-            window = Window(0, r0, width, size)
-            return s1.read(s1_idx, window=window), s2.read(s2_idx, window=window)
-
-        # One reader thread reads the next band of rows while this one is prepared and run
-        # (GDAL releases the GIL); only that thread touches the files during the loop.
-        reader = stack.enter_context(ThreadPoolExecutor(max_workers=1))
-        ahead = reader.submit(read_band, int(row_offsets[0]))
-        for k, r0 in enumerate(row_offsets):
-            t = time.perf_counter()
-            x1, x2 = ahead.result()
-            if k + 1 < len(row_offsets):
-                ahead = reader.submit(read_band, int(row_offsets[k + 1]))
-            timing["read"] += time.perf_counter() - t
-            t = time.perf_counter()
-            x1 = np.moveaxis(x1, 0, -1)
-            x2 = np.moveaxis(x2, 0, -1)
-            if s1_linear:
-                x1 = to_db(x1)
-            valid = scene_windows.valid_pixels(x1, x2, s1_nodata=s1_nodata, s2_nodata=s2_nodata)
-            fractions = scene_windows.window_valid_fractions(valid, col_offsets, size)
-            keep = np.flatnonzero(fractions >= min_valid) if min_valid > 0 else \
-                np.flatnonzero(fractions > 0)
-            if keep.size:
-                n1 = scene_windows.normalise(x1, spec["s1"]["mean"], spec["s1"]["std"],
-                                             spec["s1"].get("clip_db"))
-                n2 = scene_windows.normalise(x2, spec["s2"]["mean"], spec["s2"]["std"])
-                if not valid.all():
-                    n1[~valid] = 0.0
-                    n2[~valid] = 0.0
-            timing["prepare"] += time.perf_counter() - t
-            for j in keep:
-                t = time.perf_counter()
-                c0 = int(col_offsets[j])
-                i = len(meta)
-                buffers[slot][0][i] = n1[:, c0:c0 + size]
-                buffers[slot][1][i] = n2[:, c0:c0 + size]
-                meta.append((k, int(row_cells[0][k]), int(row_cells[1][k]),
-                             int(col_cells[0][j]), int(col_cells[1][j])))
-                timing["prepare"] += time.perf_counter() - t
-                if len(meta) == batch:
-                    launched = dispatch(slot, meta)
-                    if pending is not None:
-                        finish(pending)
-                    pending, slot, meta = launched, 1 - slot, []
-                    flush_rows(pending, meta, k)
-            km2 += (size if k == 0 else int(r0 - row_offsets[k - 1])) * width * pixel_km2
-            bar.update(len(col_offsets))
-            bar.set_postfix(km2=f"{km2:,.1f}", refresh=False)
-            flush_rows(pending, meta, k + 1)
-        if meta:
-            launched = dispatch(slot, meta)
-            if pending is not None:
-                finish(pending)
-            pending = launched
-        if pending is not None:
-            finish(pending)
-        flush_rows(None, [], len(row_offsets))
-        bar.close()
-        loop_seconds = time.perf_counter() - t_loop
-        dst.close()
-        if labels_dst is not None:
-            labels_dst.close()
-
+        scene = open_inputs(stack, spec, s1_path, s2_path, grid_mismatch=grid_mismatch,
+                            s1_linear=s1_linear, log=log)
+        height, width = scene.s2.height, scene.s2.width
+        grid = WindowGrid.of_scene(height, width, size, stride, name=f"S2 scene {s2_path}")
+        total = len(grid.rows) * len(grid.cols)
+        profile = dict(driver="GTiff", width=grid.out_w, height=grid.out_h, crs=scene.s2.crs,
+                       transform=scene.s2.transform @ scene.s2.transform.scale(stride, stride))
+        writer = stack.enter_context(MapWriter(output, profile, class_names, log=log,
+                                               labels_threshold=labels_threshold, run_id=run_id))
+        pipeline, timing = window_pass(scene, grid, embed, writer, spec, size=size,
+                                       batch_size=batch_size, min_valid=min_valid,
+                                       s1_linear=s1_linear, progress=progress)
         t = time.perf_counter()
-        probs_cog = os.path.join(tmpdir, "probs_cog.tif")
-        _to_cog(probs_tmp, probs_cog, "AVERAGE")
-        mean = state["class_sum"] / max(state["cells"], 1)
+        mean = writer.mean_probability()
         chosen = list(quicklook_classes or [class_names[i] for i in np.argsort(-mean)[:3]])
-        png_path = _replace_suffix(output, ".png") if quicklook else None
-        if png_path:
-            write_quicklook(probs_cog, png_path, chosen, class_names)
-        labels_path = None
-        if labels_threshold is not None:
-            labels_path = _replace_suffix(output, "_labels.tif")
-            labels_cog = os.path.join(tmpdir, "labels_cog.tif")
-            _to_cog(labels_tmp, labels_cog, "NEAREST")
-            _publish(labels_cog, labels_path)
-        _publish(probs_cog, output)
+        title = title_lines(f"{os.path.basename(s2_path)} + {os.path.basename(s1_path)}",
+                            _export_name(export_dir, info), quicklook_note)
+        paths = writer.finish(functools.partial(
+            write_quicklook, classes=chosen, class_names=class_names, title=title,
+            run_id=run_id) if quicklook else None)
         timing["finish"] = time.perf_counter() - t
-    host = timing["read"] + timing["prepare"] + timing["blend_write"]
-    return {
-        "output": output, "labels": labels_path, "quicklook": png_path,
-        "quicklook_classes": chosen, "s1_resampled": resampled,
-        "scene_px": [height, width], "map_px": [out_h, out_w], "patch_px": size,
-        "stride_px": stride, "windows": total_windows, "windows_run": state["run"],
-        "windows_skipped": total_windows - state["run"], "km2": height * width * pixel_km2,
-        "cells_with_data": state["cells"], "mean_probability": dict(zip(class_names, mean.tolist(),
-                                                                         strict=True)),
-        "seconds": {**timing, "compile": compile_seconds, "loop": loop_seconds,
-                    "total": time.perf_counter() - t_start},
-        "host_share": host / loop_seconds if loop_seconds > 0 else 0.0,
-    }
+        pixel_km2 = _pixel_km2(scene.s2)
+    timing["total"] = time.perf_counter() - t_start
+    summary = {
+        "output": output, "labels": paths["labels"], "quicklook": paths["quicklook"],
+        "run_id": run_id, "quicklook_classes": chosen, "s1_resampled": scene.s1_resampled,
+        "s2_scale": scene.s2_scale, "scene_px": [height, width],
+        "map_px": [grid.out_h, grid.out_w], "patch_px": size, "stride_px": stride,
+        "windows": total, "windows_run": pipeline.windows_run,
+        "windows_skipped": total - pipeline.windows_run, "km2": height * width * pixel_km2,
+        "cells_with_data": writer.cells,
+        "mean_probability": dict(zip(class_names, mean.tolist(), strict=True)),
+        "seconds": timing, "host_share": _host_share(timing)}
+    if reference:
+        summary["reference"] = map_accuracy.evaluate_map(gdal_path(output), gdal_path(reference))
+    return summary
+
+
+def _host_share(seconds: dict[str, float]) -> float:
+    """Share of the windows' pass spent on the host: read + prepare + blend/write over loop."""
+    host = seconds["read"] + seconds["prepare"] + seconds["blend_write"]
+    return host / seconds["loop"] if seconds["loop"] > 0 else 0.0
 
 
 def _check_raster(path: str, flag: str) -> None:
@@ -509,7 +478,7 @@ def _check_raster(path: str, flag: str) -> None:
         with rasterio.open(gdal_path(path)) as src:
             # The last pixel lies in the file's last block: a truncated file fails here, not
             # after minutes of mapping (GDAL reads missing header tags as absent).
-            src.read(1, window=rasterio.windows.Window(src.width - 1, src.height - 1, 1, 1))
+            src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
             crs = src.crs
     except rasterio.errors.RasterioIOError as e:
         detail = " ".join(str(e.__cause__ or e).split())  # "Read failed" names its cause
@@ -542,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--s1_linear", action="store_true",
                         help="the S1 file holds linear power; convert it to dB")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--reference", default=None,
+                        help="reference class-index GeoTIFF on the S2 grid (data_builders."
+                             "fake_scene --reference): print the map's per-class AP against it")
     args = parser.parse_args(argv)
     classes = [c.strip() for c in args.quicklook_class if c.strip()]
 
@@ -554,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=args.batch_size, min_valid=args.min_valid,
             labels_threshold=args.labels_threshold, quicklook_classes=classes or None,
             quicklook=not args.no_quicklook, grid_mismatch=args.grid_mismatch,
-            s1_linear=args.s1_linear, progress=not args.no_progress)
+            s1_linear=args.s1_linear, reference=args.reference,
+            progress=not args.no_progress)
 
     summary = cli.run(work, argv, paths=[args.output])
     s = summary["seconds"]
@@ -566,6 +539,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for key in ("labels", "quicklook"):
         if summary[key]:
             print(f"  {key}: {summary[key]}")
+    if args.reference:
+        print(f"The map against {args.reference}, per output cell:")
+        print(map_accuracy.format_ap_table(summary["reference"]))
 
 
 if __name__ == "__main__":

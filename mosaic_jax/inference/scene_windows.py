@@ -124,3 +124,49 @@ def multi_hot(probs: np.ndarray, threshold: float, nodata: int = 255) -> np.ndar
     out = (probs >= threshold).astype(np.uint8)
     out[np.isnan(probs)] = nodata
     return out
+
+
+class RowAccumulator:
+    """Blends window predictions into output rows, holding only the rows still open.
+
+    Windows arrive in row order (a band of windows at a time, in batches); `add` sums each
+    window's probabilities into the cells it covers, `pop` blends (`blend`) and hands out the
+    rows up to a limit the caller knows to be complete (no later window covers them), then
+    forgets them. Memory: the open rows only, ``[rows, out_w, C]`` float64 sums and int counts.
+    """
+
+    def __init__(self, out_w: int, num_classes: int):
+        self.out_w, self.num_classes = out_w, num_classes
+        self.written = 0  # rows before this one were handed out by `pop`; sums[0] is this row
+        self.sums = np.zeros((0, out_w, num_classes))
+        self.counts = np.zeros((0, out_w), np.int64)
+
+    def add(self, probs: np.ndarray, rows: tuple[np.ndarray, np.ndarray],
+            cols: tuple[np.ndarray, np.ndarray]) -> None:
+        """Adds windows' ``probs`` [n, C] over their (lo, hi) cell ranges ``rows``, ``cols``
+        [n] (from `covered_cells`). ValueError for a window reaching rows already handed out."""
+        if len(probs) == 0:
+            return
+        lo = int(np.min(rows[0]))
+        if lo < self.written:
+            raise ValueError(f"a window covers output row {lo}, already written (rows before "
+                             f"{self.written} are)")
+        grow = int(np.max(rows[1])) - self.written - len(self.sums)
+        if grow > 0:
+            self.sums = np.concatenate([self.sums, np.zeros((grow, *self.sums.shape[1:]))])
+            self.counts = np.concatenate([self.counts, np.zeros((grow, self.out_w), np.int64)])
+        accumulate(self.sums, self.counts, probs, rows, cols, row_base=self.written)
+
+    def pop(self, limit: int) -> np.ndarray:
+        """float32 [limit - written, out_w, C]: the blended rows ``written .. limit`` (NaN where
+        no window contributed), then forgotten; empty when ``limit <= written``."""
+        n = limit - self.written
+        if n <= 0:
+            return np.zeros((0, self.out_w, self.num_classes), np.float32)
+        sums = np.zeros((n, self.out_w, self.num_classes))
+        counts = np.zeros((n, self.out_w), np.int64)
+        have = min(n, len(self.sums))
+        sums[:have], counts[:have] = self.sums[:have], self.counts[:have]
+        self.sums, self.counts = self.sums[have:].copy(), self.counts[have:].copy()
+        self.written = limit
+        return blend(sums, counts)
