@@ -522,3 +522,18 @@ def test_export_and_loader_refuse_non_finite_parameters(tmp_path, monkeypatch, c
     exporter.export_workdir(workdir, str(tmp_path / "out"), platforms=("cpu",))
     with pytest.raises(ValueError, match="non-finite .*diverged"):
         export.load_embedder(tmp_path / "out")
+
+
+@pytest.mark.parametrize("platforms,message", [
+    ("cpu,bogus", "unknown platform(s) 'bogus'"), ("gpu", "unknown platform(s) 'gpu'"),
+    (",", "no platform"), ("cpu,cpu", "repeated platforms in ['cpu', 'cpu']")])
+def test_export_refuses_unknown_platforms_before_any_work(tmp_path, capsys, platforms, message):
+    # The workdir does not exist: the platform error comes first, before anything is read.
+    with pytest.raises(SystemExit) as e:
+        exporter.main(["--workdir", str(tmp_path / "missing"), "--output",
+                       str(tmp_path / "out"), "--platforms", platforms])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --platforms: {message}; valid: cpu, cuda, rocm, tpu" in err
+    assert not (tmp_path / "out").exists()
+    assert exporter.check_platforms(["tpu", "cpu"]) == ("tpu", "cpu")
