@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (PatchError, FileNotFoundError, ValueError, AssertionError) as e:
         hint = " (use --skip_bad_patches to skip such patches)" if isinstance(
-            e, PatchError) else ""
+            e, PatchError) and not args.skip_bad_patches else ""
         print(f"error: preparing {args.name} failed: {e}{hint}", file=sys.stderr)
         return 1
     print(summary(builder, time.monotonic() - start))

@@ -206,21 +206,63 @@ class PatchRow(NamedTuple):
     contains_cloud_or_shadow: bool
 
 
+METADATA_TYPES: dict[str, str] = {
+    "patch_id": "string", "labels": "list<string>", "split": "string", "country": "string",
+    "s1_name": "string", "s2v1_name": "string", "contains_seasonal_snow": "bool",
+    "contains_cloud_or_shadow": "bool"}
+"""The type each metadata column must have (the official files' schema; large and dictionary
+encoded strings are accepted as strings)."""
+
+
+def _is_string(data_type) -> bool:
+    import pyarrow as pa  # pyarrow: heavy, kept out of import time
+
+    if pa.types.is_dictionary(data_type):
+        data_type = data_type.value_type
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
+def _has_type(data_type, expected: str) -> bool:
+    """Whether a pyarrow type is the `METADATA_TYPES` kind `expected`."""
+    import pyarrow as pa  # pyarrow: heavy, kept out of import time
+
+    if expected == "bool":
+        return pa.types.is_boolean(data_type)
+    if expected == "list<string>":
+        return ((pa.types.is_list(data_type) or pa.types.is_large_list(data_type))
+                and _is_string(data_type.value_type))
+    return _is_string(data_type)
+
+
+def check_metadata_types(schema, path: str | os.PathLike) -> None:
+    """ValueError naming the file, the column, its type and the expected one for every column
+    of the wrong type, before any row is read (e.g. `labels` as one string per row instead of a
+    list, which would otherwise be read character by character)."""
+    wrong = [f"column {name!r} is {schema.field(name).type}, expected {expected}"
+             for name, expected in METADATA_TYPES.items()
+             if name in schema.names and not _has_type(schema.field(name).type, expected)]
+    if wrong:
+        raise ValueError(f"{path}: metadata of the wrong type: {'; '.join(wrong)} (the official "
+                         "BigEarthNet v2 metadata schema)")
+
+
 def read_metadata(path: str | os.PathLike) -> list[PatchRow]:
     """Reads one official metadata parquet file into rows, in file order.
 
-    Raises ValueError (naming the file) for missing columns or a split value outside `SPLITS`;
-    per-row problems (nulls, unknown labels) are left to `validate_row` so that they can be
+    Raises ValueError (naming the file) for missing columns, columns of the wrong type
+    (`check_metadata_types`) or a split value outside `SPLITS`; per-row problems (nulls, unknown
+    labels) are left to `validate_row` so that they can be
     skipped like any other bad patch.
     """
     import pyarrow.compute as pc  # pyarrow: heavy, only to read metadata
     import pyarrow.parquet as pq
 
     path = Path(path)
-    schema_names = set(pq.read_schema(path).names)
-    missing = [c for c in METADATA_COLUMNS if c not in schema_names]
+    schema = pq.read_schema(path)
+    missing = [c for c in METADATA_COLUMNS if c not in schema.names]
     if missing:
         raise ValueError(f"{path}: missing metadata column(s) {missing}")
+    check_metadata_types(schema, path)
     table = pq.read_table(path, columns=list(PatchRow._fields))
     bad_split = pc.invert(pc.is_in(table["split"], value_set=_string_array(SPLITS)))
     if pc.any(bad_split).as_py():
@@ -607,10 +649,12 @@ def skipped_patches(data_path: str | os.PathLike) -> list[dict[str, Any]]:
 
 __all__ = [
     "CLASS_INDEX", "CLASS_NAMES", "CLC_TO_CLASS", "METADATA_COLUMNS", "METADATA_FILE",
-    "METADATA_MD5", "NUM_CLASSES", "OFFICIAL_SPLIT_SIZES", "PATCH_SIZE", "REFERENCE_MAPS_DIR",
+    "METADATA_MD5", "METADATA_TYPES", "NUM_CLASSES", "OFFICIAL_SPLIT_SIZES", "PATCH_SIZE",
+    "REFERENCE_MAPS_DIR",
     "REPORT_NAME", "S1_BANDS", "S1_DIR", "S2_BANDS", "S2_BAND_SIZE", "S2_DIR",
     "SNOW_CLOUD_METADATA_FILE", "SPLITS", "UNLABELLED", "BigEarthNetV2Config", "BigearthnetV2",
-    "PatchRow", "clc_to_classes", "file_md5", "grid_cell", "labels_to_multi_hot", "load_example",
+    "PatchRow", "check_metadata_types", "clc_to_classes", "file_md5", "grid_cell",
+    "labels_to_multi_hot", "load_example",
     "make_features",
     "read_metadata", "read_reference_map", "read_s1", "read_s2", "reference_map_dir",
     "s1_patch_dir", "s1_tile_dir", "s2_patch_dir", "s2_tile_dir", "skipped_patches",
