@@ -268,3 +268,24 @@ def test_resolved_config_is_what_training_writes(tmp_path):
     probe = json.loads(resolved_config.resolved_config_json(
         ["--config=configs/linear_probe.py:demo", f"--config.init_from={pre}"]))
     assert probe["model"] == plain["model"] and probe["init_from"] == str(pre)
+
+
+def test_the_curve_has_the_label_frequency_ap_as_its_reference_line(tmp_path):
+    rows = []
+    for f, ap in ((0.1, 0.4), (1.0, 0.6)):
+        metrics = {"macro_ap": ap, "micro_ap": ap + 0.1, "label_frequency_macro_ap": 0.11,
+                   "positives_per_class": [3, 1, 0, 2], "num_samples": 10}
+        rows.append(label_efficiency.run_point(_config("mosaic1", 1.0, f), metrics,
+                                               dataset="d", workdir=f"w{f}"))
+    # Micro: 6 positive (patch, class) pairs of 40.
+    assert rows[0]["label_frequency_micro_ap"] == pytest.approx(6 / 40)
+    assert rows[0]["label_frequency_macro_ap"] == 0.11
+    assert label_efficiency.chance_levels(rows, "macro_ap") == {"d": 0.11}
+    fig = label_efficiency.curve_figure(rows, "t")
+    for ax, level in zip(fig.axes, (0.11, 6 / 40), strict=True):
+        refs = [line for line in ax.get_lines()
+                if line.get_label().startswith("label frequencies")]
+        assert len(refs) == 1 and refs[0].get_ydata()[0] == pytest.approx(level)
+        assert ax.get_ylim()[0] == 0.0  # not zoomed to the data
+    header = label_efficiency.to_csv(rows).splitlines()[0].split(",")
+    assert "label_frequency_macro_ap" in header and "label_frequency_micro_ap" in header
