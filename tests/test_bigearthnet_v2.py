@@ -825,3 +825,12 @@ def test_prepare_does_not_suggest_a_flag_already_given(tmp_path, capsys):
     assert prepare.main([*args, "--skip_bad_patches"]) == 1
     err = capsys.readouterr().err
     assert "no readable patch at all" in err and "--skip_bad_patches" not in err
+
+
+def test_synthetic_data_builds_without_a_checksum_message(tmp_path, caplog):
+    """The demo's synthetic metadata cannot match the release's md5: no alarm about it."""
+    root = tiny_root(tmp_path, n=2, seed=43)
+    with caplog.at_level("DEBUG"):
+        builder = build(root, tmp_path / "data", skip_checksums=False, synthetic=True)
+    assert builder.is_prepared()
+    assert "md5" not in caplog.text and "official release" not in caplog.text

@@ -5,6 +5,7 @@ import errno
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -229,6 +230,8 @@ def test_two_demo_runs_at_once_write_the_data_once(tmp_path):
     root = demo_data.demo_root(str(cache), num_patches=40, seed=3)
     assert dirs == {os.path.join(root, "tfds")}
     assert sum(out.count("Demo data: writing 40") for out in outs) == 1
+    # The demo's own synthetic metadata is no alarm (its md5 cannot be the release's).
+    assert not any("md5" in out or "official release" in out for out in outs), outs
     assert all("Demo data (TFDS data_dir, e.g. for embed --data_dir): " in o for o in outs)
     assert not os.path.exists(os.path.join(root, "raw"))  # raw files are not kept
     import tensorflow_datasets as tfds
@@ -310,6 +313,15 @@ def test_tsne_returns_the_picture_for_tensorboard(tmp_path):
     assert imread(tmp_path / "t.png").shape[:2] == image.shape[:2]
 
 
+def test_progress_line_is_one_short_line():
+    line = console.progress_line(20, 160, 16.03142, 2.049, 32)
+    assert line == "step 20/160: loss 16.0314, 2.05 steps/s (66 patches/s), ETA 1 min"
+    assert console.progress_line(150, 160, 1.0, 2.0, 8).endswith("ETA 5 s")
+    assert console.progress_line(1000, 100000, 0.5, 2.0, 8).endswith("ETA 13 h 45 min")
+    assert console.progress_line(20, 160, 1.0, 0.5, 8).endswith("ETA 5 min")
+    assert console.progress_line(1, 160, 1.0, None, 8) == "step 1/160: loss 1.0000"
+
+
 def test_run_messages():
     assert console.init_from_line("/r/demo", 160, "linear_probe") == (
         "Encoders from /r/demo, checkpoint step 160: frozen (linear probe: only the new "
@@ -379,6 +391,9 @@ def test_training_console_resume_and_probe(prepared_fake, tmp_path):
                   "Downloading and preparing dataset"):
         assert noise not in console_text
     assert "Done: step 5; this run did 2 steps (resumed at step 3) in " in second.stdout
+    # One progress line per log step; the other metrics only in TensorBoard.
+    assert re.search(r"^step 5/5: loss \d+\.\d{4}", second.stdout, flags=re.M), second.stdout
+    assert "train/grad_norm" not in console_text and "steps_per_sec" not in console_text
     probe = _run(["-m", "mosaic_jax.main", "--config=configs/linear_probe.py:demo",
                   f"--config.init_from={workdir}",
                   *_tiny_flags(prepared_fake, tmp_path / "probe", 2)])

@@ -29,6 +29,10 @@ Builder keyword arguments (`tfds.builder(..., skip_bad_patches=True, num_workers
                        official release's (`METADATA_MD5`) stops the build, naming the file.
                        True: build anyway (logged), for a newer metadata release, a subset
                        or synthetic data.
+    synthetic          False (default). True: the manual dir holds synthetic data made to look
+                       like the release (the demo, `mosaic_jax.data.demo_data`): its metadata
+                       cannot have the release's md5, so the checksums are skipped and nothing
+                       is logged about them.
 
 A bad patch is one with a missing patch directory or band file, an unreadable TIFF, a band with
 the wrong shape, band count or dtype, non-finite S1 values, or a metadata row with a null field,
@@ -518,13 +522,14 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
     """
 
     def __init__(self, *, skip_bad_patches: bool = False, num_workers: int | None = None,
-                 skip_checksums: bool = False, **kwargs: Any):
+                 skip_checksums: bool = False, synthetic: bool = False, **kwargs: Any):
         """skip_bad_patches: leave bad patches out and list them in `skipped_patches.json`
         instead of failing. num_workers: parallel processes (default: see module docstring).
         skip_checksums: warn instead of failing on metadata files that are not the official
-        release's."""
+        release's. synthetic: synthetic data, no checksum and no word about it."""
         self._skip_bad_patches = bool(skip_bad_patches)
         self._skip_checksums = bool(skip_checksums)
+        self._synthetic = bool(synthetic)
         self._num_workers = num_workers
         self._serial_skipped: list[dict[str, Any]] = []
         super().__init__(**kwargs)
@@ -564,7 +569,7 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
             raise FileNotFoundError(
                 f"manual dir {root} lacks {missing} (config {self.builder_config.name}).\n"
                 f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-        for name in self.builder_config.metadata_files:
+        for name in () if self._synthetic else self.builder_config.metadata_files:
             actual = file_md5(root / name)
             if actual == METADATA_MD5[name]:
                 continue
