@@ -365,10 +365,11 @@ def test_same_content_compares_ids_or_arrays():
 
 
 @pytest.mark.parametrize("same_split", [False, True])
-def test_chance_precision_is_the_relevant_share_of_the_archive(same_split):
+@pytest.mark.parametrize("c", [5, 23])  # the subset-sum table, and the blocked overlap test
+def test_chance_precision_is_the_relevant_share_of_the_archive(same_split, c):
     rng = np.random.default_rng(16)
-    a = _embeddings(rng, 50, c=5)
-    q = a if same_split else _embeddings(rng, 15, c=5)
+    a = _embeddings(rng, 50, c=c)
+    q = a if same_split else _embeddings(rng, 15, c=c)
     q["labels"][0] = False  # a query without labels is left out of the mean
     result = retrieval.evaluate(q, a, modes=["fused"], ks=[5], exclude_self=same_split)
     yq, ya = q["labels"], a["labels"]

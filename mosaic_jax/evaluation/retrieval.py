@@ -309,21 +309,34 @@ def per_query_metrics(query_labels: np.ndarray, archive_labels: np.ndarray, rank
 
 
 def _chance_precision(query_labels: np.ndarray, combos: np.ndarray, counts: np.ndarray,
-                      has_self: np.ndarray, block: int = 4096) -> np.ndarray:
+                      has_self: np.ndarray) -> np.ndarray:
     """The precision of a random ranking, float64 [Q]: the fraction of the archive (the query
     itself left out when ``has_self``) that shares a label with the query.
 
     ``combos`` [U, C] bool and ``counts`` [U]: the archive's distinct label sets and their
-    numbers. A query in the archive counts out itself (relevant to itself when labelled).
+    numbers. The archive patches sharing no label with a query are those whose label set lies
+    in the query's complement: for C <= 20 one subset-sum table over the 2^C label sets gives
+    every such count at once; above, a blocked [block, U] overlap test.
     """
+    c = query_labels.shape[1]
     total = float(counts.sum())
-    relevant = np.concatenate([
-        (query_labels[lo:lo + block].astype(np.float32) @ combos.T.astype(np.float32) > 0)
-        @ counts.astype(np.float64) for lo in range(0, len(query_labels), block)]
-        ) if len(query_labels) else np.zeros(0)
+    if c <= 20:
+        weights = np.int64(1) << np.arange(c, dtype=np.int64)
+        within = np.zeros(1 << c, np.float64)  # within[m]: archive sets that are subsets of m
+        np.add.at(within, combos.astype(np.int64) @ weights, counts)
+        for bit in range(c):
+            view = within.reshape(-1, 2, 1 << bit)
+            view[:, 1, :] += view[:, 0, :]
+        disjoint = within[(~query_labels).astype(np.int64) @ weights]
+    else:
+        block = max(1, (1 << 24) // max(len(combos), 1))
+        disjoint = np.concatenate([
+            (query_labels[lo:lo + block].astype(np.float32) @ combos.T.astype(np.float32) == 0)
+            @ counts.astype(np.float64) for lo in range(0, len(query_labels), block)]
+            or [np.zeros(0)])
     own = has_self & query_labels.any(1)
     available = total - has_self
-    return np.divide(relevant - own, available, out=np.zeros(len(relevant)),
+    return np.divide(total - disjoint - own, available, out=np.zeros(len(query_labels)),
                      where=available > 0)
 
 
