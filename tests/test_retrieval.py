@@ -390,3 +390,16 @@ def test_chance_precision_is_the_relevant_share_of_the_archive(same_split, c):
     table_md, table_csv = retrieval.report_table([("m", "d", result)])
     assert table_md.splitlines()[0].endswith("| chance_precision |")
     assert table_csv.splitlines()[0].endswith(",chance_precision")
+
+
+def test_modes_left_out_by_choice_are_not_called_missing(tmp_path, capsys):
+    rng = np.random.default_rng(17)
+    data = {**_embeddings(rng, 20), "h_s1": rng.normal(size=(20, 3)).astype(np.float32)}
+    np.savez(tmp_path / "a.npz", **data)
+    retrieval.main(["--query_npz", str(tmp_path / "a.npz"), "--archive_npz",
+                    str(tmp_path / "a.npz"), "--output", str(tmp_path / "out"), "--ks", "3",
+                    "--modes", "fused"])
+    assert "Skipped modes (outputs missing): s2, s1_to_s2, s2_to_s1" in capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    assert list(result["modes"]) == ["fused"]
+    assert result["skipped_modes"] == ["s2", "s1_to_s2", "s2_to_s1"]

@@ -672,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     result["query"], result["archive"] = query_name, archive_name
-    skipped = [m for m in MODES if m not in modes]
+    skipped = [m for m in MODES if m not in available_modes(query, archive)]
     result["skipped_modes"] = skipped
     paths = write_results(result, args.output)
     print(results_markdown(result).split("\n## ")[0])
