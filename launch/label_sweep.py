@@ -108,8 +108,8 @@ def expected_config(command: Sequence[str]) -> dict[str, Any]:
     result = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "resolved_config.py"),
                              *flags], capture_output=True, text=True, cwd=os.getcwd())
     if result.returncode != 0:
-        raise RuntimeError(f"cannot build the config of {shlex.join(command)}: "
-                           f"{result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise RuntimeError(f"cannot build the config of {shlex.join(command)}: {last}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

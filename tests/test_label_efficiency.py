@@ -289,3 +289,13 @@ def test_the_curve_has_the_label_frequency_ap_as_its_reference_line(tmp_path):
         assert ax.get_ylim()[0] == 0.0  # not zoomed to the data
     header = label_efficiency.to_csv(rows).splitlines()[0].split(",")
     assert "label_frequency_macro_ap" in header and "label_frequency_micro_ap" in header
+
+
+def test_sweep_with_a_config_that_cannot_be_built_says_why(tmp_path, capsys):
+    argv = ["--config=configs/mosaic1.py:demo", f"--root={tmp_path}", "--fractions", "0.5",
+            "--override", "no_such_key=1"]
+    _finished_run(argv, json.dumps({"objective": "mosaic1"}))
+    assert label_sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot build the config of python -m mosaic_jax.main ")
+    assert "no_such_key" in err.splitlines()[-1] and "['" not in err
