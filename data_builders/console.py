@@ -8,6 +8,9 @@ report, prepare), before TensorFlow or JAX are imported where it can be. It hide
 - TFDS warnings that are expected in normal use ("Variant folder ... has no
   dataset_info.json" before a dataset is prepared).
 Warnings and errors otherwise pass, and our own INFO lines (and clu's metric lines) stay.
+
+`progress_line` is the training loop's one line per log step (step, loss, throughput, ETA);
+the full metrics go to TensorBoard and the metrics files, not to the console.
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def _prepare(args: argparse.Namespace) -> int:
         raise
     except (PatchError, ValueError, AssertionError) as e:
         hint = " (use --skip_bad_patches to skip such patches)" if isinstance(
-            e, PatchError) else ""
+            e, PatchError) and not args.skip_bad_patches else ""
         raise ValueError(f"preparing {args.name} failed: {e}{hint}") from e
     print(summary(builder, time.monotonic() - start))
     return 0

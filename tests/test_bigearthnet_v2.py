@@ -784,3 +784,66 @@ def test_prepare_command_line(tmp_path):
     assert "Reading patches" in result.stderr  # The progress bar.
     prepared_dir = tmp_path / "data" / "bigearthnet_v2" / "default" / "1.0.0"
     assert list(prepared_dir.glob("bigearthnet_v2-*.array_record-*"))
+
+
+def _retype_column(path: Path, name: str, values, data_type):
+    """Rewrites one metadata column with other values and type (the rest unchanged)."""
+    table = pq.read_table(path)
+    i = table.schema.get_field_index(name)
+    pq.write_table(table.set_column(i, pa.field(name, data_type), pa.array(values, data_type)),
+                   path)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_metadata_columns_of_the_wrong_type_are_named_up_front(tmp_path, skip):
+    """`labels` as one string per row was read character by character ("unknown label name
+    'A'" for every patch); the type check names the column, its type and the expected one."""
+    root = tiny_root(tmp_path, n=3, seed=41)
+    path = root / ben.METADATA_FILE
+    labels = [";".join(r) for r in pq.read_table(path)["labels"].to_pylist()]
+    _retype_column(path, "labels", labels, pa.string())
+    with pytest.raises(ValueError) as caught:
+        build(root, tmp_path / "data", skip_bad_patches=skip)
+    assert str(caught.value) == (
+        f"{path}: metadata of the wrong type: column 'labels' is string, expected list<string> "
+        "(the official BigEarthNet v2 metadata schema)")
+    flags = pq.read_table(path)["contains_seasonal_snow"].to_pylist()
+    _retype_column(path, "contains_seasonal_snow", [str(f) for f in flags], pa.string())
+    with pytest.raises(ValueError, match="column 'labels' is string, expected list<string>; "
+                       "column 'contains_seasonal_snow' is string, expected bool"):
+        ben.read_metadata(path)
+
+
+@needs_metadata
+def test_the_official_metadata_passes_the_type_check():
+    for path in (REAL_METADATA, REAL_SNOW_CLOUD):
+        ben.check_metadata_types(pq.read_schema(path), path)
+    schema = pa.schema([("labels", pa.large_list(pa.large_string())),
+                        ("split", pa.dictionary(pa.int32(), pa.string()))])
+    ben.check_metadata_types(schema, "x.parquet")  # other encodings of the same types pass
+
+
+def test_prepare_does_not_suggest_a_flag_already_given(tmp_path, capsys):
+    root = tiny_root(tmp_path, n=2, seed=42)
+    shutil.rmtree(root / ben.S2_DIR)
+    (root / ben.S2_DIR).mkdir()  # every patch unreadable
+    args = ["bigearthnet_v2", "--manual_dir", str(root), "--data_dir", str(tmp_path / "data"),
+            "--num_workers", "1", "--skip_checksums"]
+    with pytest.raises(SystemExit) as e:
+        prepare.main(args)
+    assert e.value.code == 1
+    assert "(use --skip_bad_patches to skip such patches)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        prepare.main([*args, "--skip_bad_patches"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "no readable patch at all" in err and "--skip_bad_patches" not in err
+
+
+def test_synthetic_data_builds_without_a_checksum_message(tmp_path, caplog):
+    """The demo's synthetic metadata cannot match the release's md5: no alarm about it."""
+    root = tiny_root(tmp_path, n=2, seed=43)
+    with caplog.at_level("DEBUG"):
+        builder = build(root, tmp_path / "data", skip_checksums=False, synthetic=True)
+    assert builder.is_prepared()
+    assert "md5" not in caplog.text and "official release" not in caplog.text

@@ -542,3 +542,18 @@ def test_loader_names_a_damaged_export(tmp_path):
     want = f"{tmp_path / export.EMBEDDER_FILE} (11 bytes) is not a readable jax.export embedder"
     with pytest.raises(ValueError, match=re.escape(want)):
         export.load_embedder(tmp_path)
+
+
+@pytest.mark.parametrize("platforms,message", [
+    ("cpu,bogus", "unknown platform(s) 'bogus'"), ("gpu", "unknown platform(s) 'gpu'"),
+    (",", "no platform"), ("cpu,cpu", "repeated platforms in ['cpu', 'cpu']")])
+def test_export_refuses_unknown_platforms_before_any_work(tmp_path, capsys, platforms, message):
+    # The workdir does not exist: the platform error comes first, before anything is read.
+    with pytest.raises(SystemExit) as e:
+        exporter.main(["--workdir", str(tmp_path / "missing"), "--output",
+                       str(tmp_path / "out"), "--platforms", platforms])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --platforms: {message}; valid: cpu, cuda, rocm, tpu" in err
+    assert not (tmp_path / "out").exists()
+    assert exporter.check_platforms(["tpu", "cpu"]) == ("tpu", "cpu")

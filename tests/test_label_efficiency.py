@@ -120,18 +120,65 @@ def test_sweep_dry_run_lists_one_run_per_fraction(capsys):
                              "--fractions", "0.05", "1", "--override", "num_train_steps=60",
                              "--data_dir", "/d", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    h = label_sweep.settings_hash("configs/mosaic1.py:demo", "/d",
+                                  ["--config.num_train_steps=60"])
     assert lines == [
         "python -m mosaic_jax.main --config=configs/mosaic1.py:demo "
-        "--workdir=runs/sw/mosaic1_label0.05 --config.data.data_dir=/d "
+        f"--workdir=runs/sw/mosaic1_label0.05_{h} --config.data.data_dir=/d "
         "--config.num_train_steps=60 --config.data.label_fraction=0.05",
         "python -m mosaic_jax.main --config=configs/mosaic1.py:demo "
-        "--workdir=runs/sw/mosaic1_label1 --config.data.data_dir=/d "
+        f"--workdir=runs/sw/mosaic1_label1.0_{h} --config.data.data_dir=/d "
         "--config.num_train_steps=60 --config.data.label_fraction=1.0"]
     label_sweep.main(["--config=c/supervised.py", "--root=r", "--key=train_fraction",
                       "--fractions", "0.5", "--name=sup", "--dry-run"])
+    h = label_sweep.settings_hash("c/supervised.py", None, [])
     assert capsys.readouterr().out.split() == [
         "python", "-m", "mosaic_jax.main", "--config=c/supervised.py",
-        "--workdir=r/sup_train0.5", "--config.data.train_fraction=0.5"]
+        f"--workdir=r/sup_train0.5_{h}", "--config.data.train_fraction=0.5"]
+
+
+def _workdirs(argv):
+    args = label_sweep.build_parser().parse_args(argv)
+    return [w for w, _ in label_sweep.sweep_commands(
+        args.config, args.root, args.fractions, key=args.key, name="n",
+        data_dir=args.data_dir, overrides=args.override)]
+
+
+def test_sweep_workdirs_of_distinct_settings_never_collide():
+    base = ["--config=configs/mosaic1.py:demo", "--root=r"]
+    # Fractions that print alike with few digits.
+    close = _workdirs([*base, "--fractions", "0.1234567", "0.1234568"])
+    assert len(set(close)) == 2 and "0.1234567_" in close[0] and "0.1234568_" in close[1]
+    one = _workdirs([*base, "--fractions", "0.5"])
+    # Other overrides, another config argument, another data_dir: other workdirs.
+    assert one != _workdirs([*base, "--fractions", "0.5", "--override", "num_train_steps=7"])
+    assert one != _workdirs(["--config=configs/mosaic1.py", "--root=r", "--fractions", "0.5"])
+    assert one != _workdirs([*base, "--fractions", "0.5", "--data_dir", "/x"])
+    # The override order does not matter.
+    assert _workdirs([*base, "--fractions", "0.5", "--override", "seed=1", "--override",
+                      "batch_size=8"]) == _workdirs([*base, "--fractions", "0.5", "--override",
+                                                     "batch_size=8", "--override", "seed=1"])
+
+
+def _config_json(flags):
+    """config.json of a run of these --config flags (launch/resolved_config.py, as the sweep
+    runs it)."""
+    return json.dumps(label_sweep.expected_config(["python", "-m", "mosaic_jax.main", *flags]))
+
+
+def _finished_run(argv, config_json):
+    """The sweep's first workdir, holding `config_json` and a metrics file."""
+    args = label_sweep.build_parser().parse_args(argv)
+    workdir, _ = label_sweep.sweep_commands(
+        args.config, args.root, args.fractions, key=args.key,
+        name=label_sweep.config_name(args.config), data_dir=args.data_dir,
+        overrides=args.override)[0]
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_json)
+    with open(os.path.join(workdir, "metrics_validation.json"), "w") as f:
+        f.write("{}")
+    return workdir
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "abc"])
@@ -150,13 +197,27 @@ def test_sweep_bad_arguments_fail_clearly(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_sweep_skips_finished_runs(tmp_path, capsys):
-    done = tmp_path / "mosaic1_label0.5"
-    done.mkdir()
-    (done / "metrics_validation.json").write_text("{}")
-    assert label_sweep.main(["--config=configs/mosaic1.py", f"--root={tmp_path}",
-                             "--fractions", "0.5"]) == 0
+def test_sweep_skips_finished_runs_of_its_own_config(tmp_path, capsys):
+    argv = ["--config=configs/mosaic1.py:demo", f"--root={tmp_path}", "--fractions", "0.5",
+            "--override", "num_train_steps=7"]
+    own = _config_json(["--config=configs/mosaic1.py:demo", "--config.num_train_steps=7",
+                        "--config.data.label_fraction=0.5"])
+    _finished_run(argv, own)
+    assert label_sweep.main(argv) == 0
     assert "has finished already; skipped" in capsys.readouterr().out
+
+
+def test_sweep_refuses_a_run_of_other_settings_under_its_name(tmp_path, capsys):
+    argv = ["--config=configs/mosaic1.py:demo", f"--root={tmp_path}", "--fractions", "0.5"]
+    other = _config_json(["--config=configs/supervised.py:demo",
+                          "--config.data.label_fraction=0.25"])
+    workdir = _finished_run(argv, other)
+    assert label_sweep.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"error: {workdir} holds a run of other settings than this sweep's (" in err
+    assert "objective: 'supervised' there, 'mosaic1' here" in err
+    assert "data.label_fraction: 0.25 there, 0.5 here" in err
+    assert "move it away or choose another --root" in err
 
 
 @pytest.mark.slow
@@ -189,3 +250,52 @@ def test_sweep_of_two_objectives_gives_two_curves(prepared_fake, tmp_path):
         assert float(r["macro_ap"]) == metrics["macro_ap"]
         assert float(r["micro_ap"]) == metrics["micro_ap"]
     assert (out / label_efficiency.PNG_FILE).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_resolved_config_is_what_training_writes(tmp_path):
+    """Overrides applied; with init_from, the model section of the pretraining run (as
+    training's adopt_pretrained_model does)."""
+    from launch import resolved_config
+
+    plain = json.loads(resolved_config.resolved_config_json(
+        ["--config=configs/mosaic1.py:demo", "--config.num_train_steps=7",
+         "--config.model.width_multiplier=0.5"]))
+    assert plain["objective"] == "mosaic1" and plain["num_train_steps"] == 7
+    assert plain["model"]["width_multiplier"] == 0.5
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (pre / "config.json").write_text(json.dumps(plain))
+    probe = json.loads(resolved_config.resolved_config_json(
+        ["--config=configs/linear_probe.py:demo", f"--config.init_from={pre}"]))
+    assert probe["model"] == plain["model"] and probe["init_from"] == str(pre)
+
+
+def test_the_curve_has_the_label_frequency_ap_as_its_reference_line(tmp_path):
+    rows = []
+    for f, ap in ((0.1, 0.4), (1.0, 0.6)):
+        metrics = {"macro_ap": ap, "micro_ap": ap + 0.1, "label_frequency_macro_ap": 0.11,
+                   "positives_per_class": [3, 1, 0, 2], "num_samples": 10}
+        rows.append(label_efficiency.run_point(_config("mosaic1", 1.0, f), metrics,
+                                               dataset="d", workdir=f"w{f}"))
+    # Micro: 6 positive (patch, class) pairs of 40.
+    assert rows[0]["label_frequency_micro_ap"] == pytest.approx(6 / 40)
+    assert rows[0]["label_frequency_macro_ap"] == 0.11
+    assert label_efficiency.chance_levels(rows, "macro_ap") == {"d": 0.11}
+    fig = label_efficiency.curve_figure(rows, "t")
+    for ax, level in zip(fig.axes, (0.11, 6 / 40), strict=True):
+        refs = [line for line in ax.get_lines()
+                if line.get_label().startswith("label frequencies")]
+        assert len(refs) == 1 and refs[0].get_ydata()[0] == pytest.approx(level)
+        assert ax.get_ylim()[0] == 0.0  # not zoomed to the data
+    header = label_efficiency.to_csv(rows).splitlines()[0].split(",")
+    assert "label_frequency_macro_ap" in header and "label_frequency_micro_ap" in header
+
+
+def test_sweep_with_a_config_that_cannot_be_built_says_why(tmp_path, capsys):
+    argv = ["--config=configs/mosaic1.py:demo", f"--root={tmp_path}", "--fractions", "0.5",
+            "--override", "no_such_key=1"]
+    _finished_run(argv, json.dumps({"objective": "mosaic1"}))
+    assert label_sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot build the config of python -m mosaic_jax.main ")
+    assert "no_such_key" in err.splitlines()[-1] and "['" not in err

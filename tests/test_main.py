@@ -3,6 +3,7 @@ quiet console, the closing lines after a resume and of a probe, the SEN12MS demo
 
 import json
 import os
+import re
 
 import pytest
 from conftest import error_lines, run_python
@@ -61,6 +62,9 @@ def test_training_console_resume_and_probe(prepared_fake, tmp_path):
                   "Downloading and preparing dataset"):
         assert noise not in console_text
     assert "Done: step 5; this run did 2 steps (resumed at step 3) in " in second.stdout
+    # One progress line per log step; the other metrics only in TensorBoard.
+    assert re.search(r"^step 5/5: loss \d+\.\d{4}", second.stdout, flags=re.M), second.stdout
+    assert "train/grad_norm" not in console_text and "steps_per_sec" not in console_text
     probe = run_python(["-m", "mosaic_jax.main", "--config=configs/linear_probe.py:demo",
                         f"--config.init_from={workdir}",
                         *_tiny_flags(prepared_fake, tmp_path / "probe", 2)])

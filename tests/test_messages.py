@@ -3,6 +3,15 @@
 from mosaic_jax.training import messages
 
 
+def test_progress_line_is_one_short_line():
+    line = messages.progress_line(20, 160, 16.03142, 2.049, 32)
+    assert line == "step 20/160: loss 16.0314, 2.05 steps/s (66 patches/s), ETA 1 min"
+    assert messages.progress_line(150, 160, 1.0, 2.0, 8).endswith("ETA 5 s")
+    assert messages.progress_line(1000, 100000, 0.5, 2.0, 8).endswith("ETA 13 h 45 min")
+    assert messages.progress_line(20, 160, 1.0, 0.5, 8).endswith("ETA 5 min")
+    assert messages.progress_line(1, 160, 1.0, None, 8) == "step 1/160: loss 1.0000"
+
+
 def test_run_messages():
     assert messages.init_from_line("/r/demo", 160, "linear_probe") == (
         "Encoders from /r/demo, checkpoint step 160: frozen (linear probe: only the new "

@@ -397,13 +397,16 @@ def test_output_to_a_bucket(tiny, scenes, bucket):  # noqa: F811
 
 @pytest.mark.slow
 def test_readme_map_a_scene_commands_run_as_written(tmp_path):
-    """README's "Map a scene" block, on a random-weight demo-size workdir in place of the demo
-    run (same config, no training)."""
+    """README's "Map a scene" block, after the quick start's one export of the demo, on a
+    random-weight demo-size workdir in place of the demo run (same config, no training)."""
     text = (REPO / "README.md").read_text()
     section = text.split("## Map a scene", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
-    commands = [c for c in block.replace("\\\n", " ").splitlines()
-                if c.strip() and not c.startswith("#")]
+    export = re.search(r"^python -m mosaic_jax export --workdir runs/demo --output (\S+)$",
+                       text.split("## Quick start", 1)[1].split("\n## ", 1)[0], flags=re.M)
+    assert export and f"--export {export.group(1)} " in block  # the section reuses it
+    commands = [export.group(0)] + [c for c in block.replace("\\\n", " ").splitlines()
+                                    if c.strip() and not c.startswith("#")]
     assert any("mosaic_jax predict" in c and "--reference" in c for c in commands)
     untrained_workdir(model_config("demo"), tmp_path / "runs" / "demo")
     # `python` in the commands is this interpreter, as in the environment README sets up.

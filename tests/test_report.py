@@ -127,15 +127,21 @@ def test_per_class_tables_match_the_runs_json(written, runs, short, key):
         rows = _csv(os.path.join(written, f"{short}_per_class_{dataset}.csv"))
         num_classes = 19 if dataset == "bigearthnet_v2" else 10
         assert len(rows) == num_classes
-        assert list(rows[0]) == ["class", *(methods[i] for i in idx)]
+        assert list(rows[0]) == ["class", "positives", *(methods[i] for i in idx)]
         for i in idx:
             values = _metrics(runs[i])[key]
             got = [None if r[methods[i]] == "" else float(r[methods[i]]) for r in rows]
             assert got == values, (dataset, methods[i])
+        # The positives of every class in the evaluated split, one count per distinct value.
+        for c, row in enumerate(rows):
+            counts = list(dict.fromkeys(_metrics(runs[i])["positives_per_class"][c]
+                                        for i in idx))
+            assert row["positives"] == " / ".join(map(str, counts)), (dataset, c)
         md_path = os.path.join(written, f"{short}_per_class.md")
         for c, row in enumerate(rows):
             md = _md_rows(md_path, row["class"])
-            assert any(cells[1:] == [_fmt(_metrics(runs[i])[key][c]) for i in idx]
+            assert any(cells[1:] == [row["positives"],
+                                     *(_fmt(_metrics(runs[i])[key][c]) for i in idx)]
                        for cells in md), (dataset, row["class"])
     sen = _csv(os.path.join(written, f"{short}_per_class_sen12ms.csv"))
     assert sen[0]["class"] == "Forest"
@@ -218,3 +224,20 @@ def test_report_names_downstream_runs_and_marks_untrained_classifiers(tmp_path):
     assert trained["dual_simclr (classifier untrained)"] == "False"
     assert trained["mosaic1, linear probe"] == "True"
 
+
+
+def test_ap_chart_labels_each_class_with_its_positives(runs):
+    loaded = [report.load_run(w) for w in runs[1:2]]
+    fig = report.ap_per_class_figure(loaded, "t")
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    counts = _metrics(runs[1])["positives_per_class"]
+    assert counts[1] == 0  # the fake run's class without positives
+    assert labels[0] == f"Urban fabric (n={counts[0]})"
+    assert labels[1].endswith(" (n=0)")
+    old = dict(loaded[0].metrics)
+    del old["positives_per_class"]  # metrics written before the counts existed
+    loaded[0].metrics = old
+    assert report.positives(loaded) == [None] * 19
+    labels = [t.get_text() for t in report.ap_per_class_figure(loaded, "t").axes[0]
+              .get_yticklabels()]
+    assert labels[0] == "Urban fabric (n=?)"

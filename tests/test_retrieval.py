@@ -301,3 +301,141 @@ def test_command_line_bad_files_end_in_one_line(tmp_path, capsys, monkeypatch):
     status, line = _one_error_line(capsys, ["--query_npz", str(good), *args, "--verbose"])
     assert (status, line) == (130, "error: interrupted")
     assert not os.path.exists(out)
+
+
+def _embeddings(rng, n, d=6, c=4, first=0):
+    return {"embedding": rng.normal(size=(n, d)).astype(np.float32),
+            "labels": rng.random((n, c)) < 0.4, "index": np.arange(first, first + n)}
+
+
+def test_non_finite_embeddings_are_left_out_and_counted():
+    rng = np.random.default_rng(11)
+    q, a = _embeddings(rng, 20), _embeddings(rng, 60)
+    bad_q, bad_a = [2, 7, 11], [0, 5, 33, 59]
+    q_nan, a_nan = dict(q), dict(a)
+    q_nan["embedding"] = q["embedding"].copy()
+    a_nan["embedding"] = a["embedding"].copy()
+    q_nan["embedding"][bad_q, 1] = np.nan
+    a_nan["embedding"][bad_a[:2], 0] = np.nan
+    a_nan["embedding"][bad_a[2:], 3] = np.inf
+    got = retrieval.evaluate(q_nan, a_nan, modes=["fused"], ks=[1, 10])["modes"]["fused"]
+    keep_q, keep_a = np.delete(np.arange(20), bad_q), np.delete(np.arange(60), bad_a)
+    ref = retrieval.evaluate({k: v[keep_q] for k, v in q.items()},
+                             {k: v[keep_a] for k, v in a.items()}, modes=["fused"],
+                             ks=[1, 10])["modes"]["fused"]
+    assert got["overall"] == pytest.approx(ref["overall"])
+    assert got["num_queries"] == 17 and got["num_queries_non_finite"] == 3
+    assert got["num_archive_non_finite"] == 4
+    result = {"modes": {"fused": got}, "num_archive": 60}
+    assert retrieval.non_finite_lines(result) == [
+        "Mode fused: left out 3 of 20 queries and 4 of 60 archive patches whose embeddings "
+        "(embedding, embedding) are not finite (NaN or inf)."]
+    # With the same set as query and archive, each query still skips itself (positions shift
+    # when archive rows are left out).
+    same = retrieval.evaluate(a_nan, a_nan, modes=["fused"], ks=[1], exclude_self=True)
+    ref_same = retrieval.evaluate({k: v[keep_a] for k, v in a.items()},
+                                  {k: v[keep_a] for k, v in a.items()}, modes=["fused"],
+                                  ks=[1], exclude_self=True)
+    assert same["modes"]["fused"]["overall"] == pytest.approx(
+        ref_same["modes"]["fused"]["overall"])
+    all_bad = dict(q_nan, embedding=np.full((20, 6), np.nan, np.float32))
+    with pytest.raises(ValueError, match="no query embedding .* is finite"):
+        retrieval.evaluate(all_bad, a, modes=["fused"], ks=[1])
+
+
+def test_command_line_reports_non_finite_rows(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    q, a = _embeddings(rng, 10), _embeddings(rng, 30)
+    q["embedding"][:3] = np.nan
+    np.savez(tmp_path / "q.npz", **q)
+    np.savez(tmp_path / "a.npz", **a)
+    retrieval.main(["--query_npz", str(tmp_path / "q.npz"), "--archive_npz",
+                    str(tmp_path / "a.npz"), "--output", str(tmp_path / "out"), "--ks", "5"])
+    out = capsys.readouterr().out
+    assert "warning: Mode fused: left out 3 of 10 queries and 0 of 30 archive patches" in out
+    md = (tmp_path / "out" / "retrieval.md").read_text()
+    assert "left out 3 of 10 queries" in md and "| fused | " in md
+
+
+def test_an_empty_query_file_is_a_clear_error(tmp_path, capsys):
+    rng = np.random.default_rng(13)
+    a = _embeddings(rng, 30)
+    np.savez(tmp_path / "a.npz", **a)
+    np.savez(tmp_path / "q.npz", **{k: v[:0] for k, v in a.items()})
+    with pytest.raises(SystemExit) as e:
+        retrieval.main(["--query_npz", str(tmp_path / "q.npz"), "--archive_npz",
+                        str(tmp_path / "a.npz"), "--output", str(tmp_path / "out")])
+    assert e.value.code == 1
+    assert f"{tmp_path / 'q.npz'} holds no patch (0 rows)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no queries"):
+        retrieval.top_k_similar(np.zeros((0, 3)), np.ones((4, 3)), 1)
+
+
+@pytest.mark.parametrize("how", ["copy", "symlink"])
+def test_the_same_set_under_another_path_excludes_self(tmp_path, how):
+    rng = np.random.default_rng(14)
+    a = _embeddings(rng, 40)
+    a["patch_id"] = np.array([f"p{i}" for i in range(40)])
+    np.savez(tmp_path / "a.npz", **a)
+    other = tmp_path / "other.npz"
+    if how == "copy":
+        other.write_bytes((tmp_path / "a.npz").read_bytes())
+    else:
+        other.symlink_to(tmp_path / "a.npz")
+    retrieval.main(["--query_npz", str(other), "--archive_npz", str(tmp_path / "a.npz"),
+                    "--output", str(tmp_path / "out"), "--ks", "1"])
+    result = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    assert result["exclude_self"]
+    # A query retrieving itself would make precision@1 exactly 1.
+    assert result["modes"]["fused"]["overall"]["precision@1"] < 1.0
+
+
+def test_same_content_compares_ids_or_arrays():
+    rng = np.random.default_rng(15)
+    a, b = _embeddings(rng, 8), _embeddings(rng, 8)
+    assert retrieval.same_content(a, {k: v.copy() for k, v in a.items()})
+    assert not retrieval.same_content(a, b)
+    ids = {"patch_id": np.array(["x", "y"])}
+    assert retrieval.same_content({**a, **ids}, {**b, **ids})  # ids decide when both have them
+    assert not retrieval.same_content({**a, **ids}, {**a, "patch_id": np.array(["x", "z"])})
+
+
+@pytest.mark.parametrize("same_split", [False, True])
+@pytest.mark.parametrize("c", [5, 23])  # the subset-sum table, and the blocked overlap test
+def test_chance_precision_is_the_relevant_share_of_the_archive(same_split, c):
+    rng = np.random.default_rng(16)
+    a = _embeddings(rng, 50, c=c)
+    q = a if same_split else _embeddings(rng, 15, c=c)
+    q["labels"][0] = False  # a query without labels is left out of the mean
+    result = retrieval.evaluate(q, a, modes=["fused"], ks=[5], exclude_self=same_split)
+    yq, ya = q["labels"], a["labels"]
+    shares = []
+    for i in range(len(yq)):
+        if not yq[i].any():
+            continue
+        others = [j for j in range(len(ya)) if not (same_split and j == i)]
+        shares.append(np.mean([(yq[i] & ya[j]).any() for j in others]))
+    overall = result["modes"]["fused"]["overall"]
+    assert overall["chance_precision"] == pytest.approx(np.mean(shares))
+    c0 = [s for s, i in zip(shares, [i for i in range(len(yq)) if yq[i].any()], strict=True)
+          if yq[i, 0]]
+    assert result["modes"]["fused"]["per_class"]["class 0"]["chance_precision"] == \
+        pytest.approx(np.mean(c0))
+    md = retrieval.results_markdown(result)
+    assert "| mode | queries | precision@5 | map@5 | ndcg@5 | chance_precision |" in md
+    table_md, table_csv = retrieval.report_table([("m", "d", result)])
+    assert table_md.splitlines()[0].endswith("| chance_precision |")
+    assert table_csv.splitlines()[0].endswith(",chance_precision")
+
+
+def test_modes_left_out_by_choice_are_not_called_missing(tmp_path, capsys):
+    rng = np.random.default_rng(17)
+    data = {**_embeddings(rng, 20), "h_s1": rng.normal(size=(20, 3)).astype(np.float32)}
+    np.savez(tmp_path / "a.npz", **data)
+    retrieval.main(["--query_npz", str(tmp_path / "a.npz"), "--archive_npz",
+                    str(tmp_path / "a.npz"), "--output", str(tmp_path / "out"), "--ks", "3",
+                    "--modes", "fused"])
+    assert "Skipped modes (outputs missing): s2, s1_to_s2, s2_to_s1" in capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    assert list(result["modes"]) == ["fused"]
+    assert result["skipped_modes"] == ["s2", "s1_to_s2", "s2_to_s1"]

@@ -85,11 +85,24 @@ def test_bad_image_shape_names_the_tag(tmp_path):
     writer.close()
 
 
-def test_report_progress_writes_steps_per_second(tmp_path):
+def test_scalars_with_an_event_file_stay_off_the_console(tmp_path, caplog):
+    """The console gets one progress line per log step from the loop, not every scalar."""
+    writer = tensorboard_writer.create_writer(str(tmp_path))
+    with caplog.at_level("INFO"):
+        writer.write_scalars(2, {"train/loss": 0.5, "train/grad_norm": 3.0})
+    writer.close()
+    assert caplog.text == ""
+    assert [e.value for e in read_events(tmp_path).Scalars("train/grad_norm")] == [3.0]
+
+
+def test_report_progress_writes_steps_per_second(tmp_path, caplog):
     writer = tensorboard_writer.create_writer(str(tmp_path))
     hook = tensorboard_writer.ReportProgress(num_train_steps=10, writer=writer, every_steps=2)
-    for step in range(1, 7):
-        hook(step)
+    assert hook.steps_per_sec is None
+    with caplog.at_level("INFO"):
+        for step in range(1, 7):
+            hook(step)
+    assert hook.steps_per_sec > 0 and caplog.text == ""
     writer.close()
     steps = [e.step for e in read_events(tmp_path).Scalars("steps_per_sec")]
     assert steps == [2, 4, 6]

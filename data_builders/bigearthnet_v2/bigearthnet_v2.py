@@ -29,6 +29,10 @@ Builder keyword arguments (`tfds.builder(..., skip_bad_patches=True, num_workers
                        official release's (`METADATA_MD5`) stops the build, naming the file.
                        True: build anyway (logged), for a newer metadata release, a subset
                        or synthetic data.
+    synthetic          False (default). True: the manual dir holds synthetic data made to look
+                       like the release (the demo, `mosaic_jax.data.demo_data`): its metadata
+                       cannot have the release's md5, so the checksums are skipped and nothing
+                       is logged about them.
 
 A bad patch is one with a missing patch directory or band file, an unreadable TIFF, a band with
 the wrong shape, band count or dtype, non-finite S1 values, or a metadata row with a null field,
@@ -206,21 +210,63 @@ class PatchRow(NamedTuple):
     contains_cloud_or_shadow: bool
 
 
+METADATA_TYPES: dict[str, str] = {
+    "patch_id": "string", "labels": "list<string>", "split": "string", "country": "string",
+    "s1_name": "string", "s2v1_name": "string", "contains_seasonal_snow": "bool",
+    "contains_cloud_or_shadow": "bool"}
+"""The type each metadata column must have (the official files' schema; large and dictionary
+encoded strings are accepted as strings)."""
+
+
+def _is_string(data_type) -> bool:
+    import pyarrow as pa  # pyarrow: heavy, kept out of import time
+
+    if pa.types.is_dictionary(data_type):
+        data_type = data_type.value_type
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
+def _has_type(data_type, expected: str) -> bool:
+    """Whether a pyarrow type is the `METADATA_TYPES` kind `expected`."""
+    import pyarrow as pa  # pyarrow: heavy, kept out of import time
+
+    if expected == "bool":
+        return pa.types.is_boolean(data_type)
+    if expected == "list<string>":
+        return ((pa.types.is_list(data_type) or pa.types.is_large_list(data_type))
+                and _is_string(data_type.value_type))
+    return _is_string(data_type)
+
+
+def check_metadata_types(schema, path: str | os.PathLike) -> None:
+    """ValueError naming the file, the column, its type and the expected one for every column
+    of the wrong type, before any row is read (e.g. `labels` as one string per row instead of a
+    list, which would otherwise be read character by character)."""
+    wrong = [f"column {name!r} is {schema.field(name).type}, expected {expected}"
+             for name, expected in METADATA_TYPES.items()
+             if name in schema.names and not _has_type(schema.field(name).type, expected)]
+    if wrong:
+        raise ValueError(f"{path}: metadata of the wrong type: {'; '.join(wrong)} (the official "
+                         "BigEarthNet v2 metadata schema)")
+
+
 def read_metadata(path: str | os.PathLike) -> list[PatchRow]:
     """Reads one official metadata parquet file into rows, in file order.
 
-    Raises ValueError (naming the file) for missing columns or a split value outside `SPLITS`;
-    per-row problems (nulls, unknown labels) are left to `validate_row` so that they can be
+    Raises ValueError (naming the file) for missing columns, columns of the wrong type
+    (`check_metadata_types`) or a split value outside `SPLITS`; per-row problems (nulls, unknown
+    labels) are left to `validate_row` so that they can be
     skipped like any other bad patch.
     """
     import pyarrow.compute as pc  # pyarrow: heavy, only to read metadata
     import pyarrow.parquet as pq
 
     path = Path(path)
-    schema_names = set(pq.read_schema(path).names)
-    missing = [c for c in METADATA_COLUMNS if c not in schema_names]
+    schema = pq.read_schema(path)
+    missing = [c for c in METADATA_COLUMNS if c not in schema.names]
     if missing:
         raise ValueError(f"{path}: missing metadata column(s) {missing}")
+    check_metadata_types(schema, path)
     table = pq.read_table(path, columns=list(PatchRow._fields))
     bad_split = pc.invert(pc.is_in(table["split"], value_set=_string_array(SPLITS)))
     if pc.any(bad_split).as_py():
@@ -476,13 +522,14 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
     """
 
     def __init__(self, *, skip_bad_patches: bool = False, num_workers: int | None = None,
-                 skip_checksums: bool = False, **kwargs: Any):
+                 skip_checksums: bool = False, synthetic: bool = False, **kwargs: Any):
         """skip_bad_patches: leave bad patches out and list them in `skipped_patches.json`
         instead of failing. num_workers: parallel processes (default: see module docstring).
         skip_checksums: warn instead of failing on metadata files that are not the official
-        release's."""
+        release's. synthetic: synthetic data, no checksum and no word about it."""
         self._skip_bad_patches = bool(skip_bad_patches)
         self._skip_checksums = bool(skip_checksums)
+        self._synthetic = bool(synthetic)
         self._num_workers = num_workers
         self._serial_skipped: list[dict[str, Any]] = []
         super().__init__(**kwargs)
@@ -522,7 +569,7 @@ class BigearthnetV2(tfds.core.GeneratorBasedBuilder):
             raise FileNotFoundError(
                 f"manual dir {root} lacks {missing} (config {self.builder_config.name}).\n"
                 f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-        for name in self.builder_config.metadata_files:
+        for name in () if self._synthetic else self.builder_config.metadata_files:
             actual = file_md5(root / name)
             if actual == METADATA_MD5[name]:
                 continue
@@ -607,10 +654,12 @@ def skipped_patches(data_path: str | os.PathLike) -> list[dict[str, Any]]:
 
 __all__ = [
     "CLASS_INDEX", "CLASS_NAMES", "CLC_TO_CLASS", "METADATA_COLUMNS", "METADATA_FILE",
-    "METADATA_MD5", "NUM_CLASSES", "OFFICIAL_SPLIT_SIZES", "PATCH_SIZE", "REFERENCE_MAPS_DIR",
+    "METADATA_MD5", "METADATA_TYPES", "NUM_CLASSES", "OFFICIAL_SPLIT_SIZES", "PATCH_SIZE",
+    "REFERENCE_MAPS_DIR",
     "REPORT_NAME", "S1_BANDS", "S1_DIR", "S2_BANDS", "S2_BAND_SIZE", "S2_DIR",
     "SNOW_CLOUD_METADATA_FILE", "SPLITS", "UNLABELLED", "BigEarthNetV2Config", "BigearthnetV2",
-    "PatchRow", "clc_to_classes", "file_md5", "grid_cell", "labels_to_multi_hot", "load_example",
+    "PatchRow", "check_metadata_types", "clc_to_classes", "file_md5", "grid_cell",
+    "labels_to_multi_hot", "load_example",
     "make_features",
     "read_metadata", "read_reference_map", "read_s1", "read_s2", "reference_map_dir",
     "s1_patch_dir", "s1_tile_dir", "s2_patch_dir", "s2_tile_dir", "skipped_patches",

@@ -106,8 +106,9 @@ def prepare_demo_dataset(root: str, *, num_patches: int = 600, seed: int = 0,
     data_dir = os.path.join(root, "tfds")
     say = print if verbose else (lambda *a, **k: None)
     with _locked(root.rstrip(os.sep) + ".lock"):
-        # The synthetic metadata is not the official release: no checksum to match.
-        extra = {"skip_checksums": True} if dataset == "bigearthnet_v2" else {}
+        # The synthetic metadata is not the official release: no checksum to match, and
+        # nothing to say about it.
+        extra = {"synthetic": True} if dataset == "bigearthnet_v2" else {}
         builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record", **extra)
         if builder.is_prepared():
             return data_dir

@@ -10,7 +10,9 @@ objective when its ``config.json`` is readable; `mosaic_jax.training.workdir.run
 `curve_rows` (pure: run descriptions in, rows out) is what `mosaic_jax.evaluation.report`
 calls through `report_files` when the given workdirs differ in labelled fraction; it then writes
 ``label_efficiency.csv`` (one row per run) and ``label_efficiency.png`` (one line per
-objective and protocol, the mean of runs at the same fraction, log-scale x axis).
+objective and protocol, the mean of runs at the same fraction, log-scale x axis; a dashed
+reference line at the AP a constant predictor of the label frequencies gets, the chance level
+the training run prints at its end, and the y axis from 0).
 """
 
 from __future__ import annotations
@@ -25,7 +27,17 @@ from mosaic_jax.training import workdir as workdir_files
 CSV_FILE = "label_efficiency.csv"
 PNG_FILE = "label_efficiency.png"
 COLUMNS = ("line", "objective", "protocol", "dataset", "labelled_fraction", "train_fraction",
-           "label_fraction", "macro_ap", "micro_ap", "workdir")
+           "label_fraction", "macro_ap", "micro_ap", "label_frequency_macro_ap",
+           "label_frequency_micro_ap", "workdir")
+
+
+def label_frequency_micro_ap(metrics: Mapping[str, Any]) -> float | None:
+    """The micro AP of a constant predictor: the share of positive (patch, class) pairs in
+    the evaluated split (None when the metrics lack ``positives_per_class``)."""
+    positives, n = metrics.get("positives_per_class"), metrics.get("num_samples")
+    if not positives or not n:
+        return None
+    return float(sum(positives)) / (float(n) * len(positives))
 
 
 def run_point(config: Mapping[str, Any], metrics: Mapping[str, Any], *, dataset: str,
@@ -50,6 +62,8 @@ def run_point(config: Mapping[str, Any], metrics: Mapping[str, Any], *, dataset:
             "labelled_fraction": train_fraction * label_fraction,
             "train_fraction": train_fraction, "label_fraction": label_fraction,
             "macro_ap": metrics.get("macro_ap"), "micro_ap": metrics.get("micro_ap"),
+            "label_frequency_macro_ap": metrics.get("label_frequency_macro_ap"),
+            "label_frequency_micro_ap": label_frequency_micro_ap(metrics),
             "workdir": workdir}
 
 
@@ -95,8 +109,28 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def chance_levels(rows: Sequence[Mapping[str, Any]], metric: str) -> dict[str, float]:
+    """dataset -> the label-frequency AP of ``metric`` ("macro_ap" or "micro_ap"): what a
+    constant predictor of the label frequencies scores, the mean over the dataset's runs (one
+    evaluation split: equal unless runs evaluated different numbers of patches)."""
+    values: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get(f"label_frequency_{metric}") is not None:
+            values.setdefault(r["dataset"], []).append(float(r[f"label_frequency_{metric}"]))
+    return {d: sum(v) / len(v) for d, v in values.items()}
+
+
 def plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
     """Macro AP and micro AP (two panels) against labelled fraction, log x; PNG bytes."""
+    fig = curve_figure(rows, title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def curve_figure(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
+    """The matplotlib Figure of `plot_png`: per panel one line per (line, dataset), a dashed
+    reference line at each dataset's label-frequency AP, the y axis from 0."""
     from matplotlib import colormaps  # matplotlib: heavy, only for the picture
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -113,6 +147,11 @@ def plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", color=colors(j % 10),
                     label=f"{line} ({dataset})" if several else line)
+        for k, (dataset, level) in enumerate(sorted(chance_levels(rows, metric).items())):
+            ax.axhline(level, linestyle=("--", ":", "-.")[k % 3], color="0.45", linewidth=1.0,
+                       label=f"label frequencies{f' ({dataset})' if several else ''}: "
+                             f"{level:.2f}")
+        ax.set_ylim(bottom=0.0)
         ax.set_xscale("log")
         ax.set_xticks(fractions)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * x:g} %"))
@@ -124,9 +163,7 @@ def plot_png(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
 
 
 def report_files(runs: Sequence[Any], split: str) -> tuple[dict[str, str | bytes], str | None]:
@@ -140,6 +177,7 @@ def report_files(runs: Sequence[Any], split: str) -> tuple[dict[str, str | bytes
         PNG_FILE: plot_png(rows, f"Label efficiency ({split} split)"),
     }
     section = (f"## Label efficiency\n\nMacro and micro AP against the labelled fraction "
-               f"(train_fraction x label_fraction) of each run; data in `{CSV_FILE}`.\n\n"
+               f"(train_fraction x label_fraction) of each run; the dashed line is the AP that "
+               f"label frequencies alone give (a constant predictor); data in `{CSV_FILE}`.\n\n"
                f"![label efficiency]({PNG_FILE})\n")
     return files, section

@@ -8,9 +8,10 @@ workdir's ``config.json`` and ``metrics_<split>.json`` (written by
   macro/micro F1 (and the label-frequency chance level of macro AP); the markdown marks the best
   value of each dataset in bold;
 - ``hamming_loss_per_class.md``, ``brier_per_class.md``, ``ap_per_class.md``: per-class tables
-  (rows: classes, columns: methods), one section per dataset, and the same as
-  ``<metric>_per_class_<dataset>.csv``;
-- ``ap_per_class_<dataset>.png``: grouped bar chart of the AP of every class for every method;
+  (rows: classes with their number of positives in the evaluated split, columns: methods), one
+  section per dataset, and the same as ``<metric>_per_class_<dataset>.csv``;
+- ``ap_per_class_<dataset>.png``: grouped bar chart of the AP of every class for every method,
+  each class labelled with its number of positives (``n=``);
 - ``tsne/<method>_<dataset>.png``: a copy of each run's t-SNE picture (when it has one);
 - ``retrieval.md`` / ``retrieval.csv``: precision, mAP and NDCG at k per run and mode, when
   workdirs hold ``retrieval/retrieval.json`` (`mosaic_jax.evaluation.retrieval`);
@@ -198,8 +199,24 @@ def comparison_table(runs: list[Run]) -> tuple[str, str]:
     return md, _to_csv(header, rows)
 
 
+def positives(group: list[Run]) -> list[int | str | None]:
+    """Per class, the number of positives in the evaluated split (``positives_per_class``):
+    one count when the runs agree, ``"a / b"`` (in run order, distinct values) when they
+    evaluated different patches, None when no run has the counts."""
+    counts = [r.metrics["positives_per_class"] for r in group
+              if r.metrics.get("positives_per_class") is not None]
+    out: list[int | str | None] = []
+    for c in range(len(group[0].class_names)):
+        values = list(dict.fromkeys(int(v[c]) for v in counts if c < len(v)))
+        out.append(None if not values else values[0] if len(values) == 1 else
+                   " / ".join(map(str, values)))
+    return out
+
+
 def per_class_tables(runs: list[Run], key: str) -> tuple[str, dict[str, str]]:
-    """(markdown with one section per dataset, {dataset: csv}) of a per-class metric."""
+    """(markdown with one section per dataset, {dataset: csv}) of a per-class metric, with each
+    class's number of positives in the evaluated split (an AP from a handful of positives is
+    not a result)."""
     md_parts, csvs = [], {}
     for dataset in _datasets(runs):
         group = [r for r in runs if r.dataset == dataset]
@@ -208,17 +225,28 @@ def per_class_tables(runs: list[Run], key: str) -> tuple[str, dict[str, str]]:
             if len(r.metrics[key]) != len(names):
                 raise ValueError(f"{r.workdir} has {len(r.metrics[key])} classes, other "
                                  f"{dataset} runs have {len(names)}")
-        header = ["class", *(r.method for r in group)]
-        rows = [[name, *(r.metrics[key][i] for r in group)] for i, name in enumerate(names)]
+        header = ["class", "positives", *(r.method for r in group)]
+        rows = [[name, count, *(r.metrics[key][i] for r in group)]
+                for i, (name, count) in enumerate(zip(names, positives(group), strict=True))]
         csvs[dataset] = _to_csv(header, rows)
-        md_rows = [[row[0], *(_cell(v) for v in row[1:])] for row in rows]
+        md_rows = [[row[0], row[1] if isinstance(row[1], str) else _cell(row[1]),
+                    *(_cell(v) for v in row[2:])] for row in rows]
         md_parts.append(f"### {dataset}\n\n"
-                        + markdown_table(header, md_rows, ["left", *["right"] * len(group)]))
+                        + markdown_table(header, md_rows,
+                                         ["left", "right", *["right"] * len(group)]))
     return "\n".join(md_parts), csvs
 
 
 def plot_ap_per_class(runs: list[Run], path: str, title: str) -> None:
-    """Horizontal grouped bars: one group per class, one bar per run (AP; n/a drawn as 0)."""
+    """Writes `ap_per_class_figure` as a PNG to ``path``, atomically."""
+    buf = io.BytesIO()
+    ap_per_class_figure(runs, title).savefig(buf, format="png")
+    atomic_files.write_atomic(path, buf.getvalue())
+
+
+def ap_per_class_figure(runs: list[Run], title: str) -> Any:
+    """Horizontal grouped bars: one group per class, one bar per run (AP; n/a drawn as 0); each
+    class labelled with its number of positives in the evaluated split (``n=``)."""
     from matplotlib import colormaps  # matplotlib: heavy, only for the charts
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -237,7 +265,10 @@ def plot_ap_per_class(runs: list[Run], path: str, title: str) -> None:
         ax.barh(pos, np.nan_to_num(ap), height=height, color=colors[j], label=run.method)
         for k in np.flatnonzero(np.isnan(ap)):
             ax.text(0.005, pos[k], "n/a", va="center", fontsize=5, color=colors[j])
-    labels = [n if len(n) <= 42 else n[:40] + "..." for n in names]
+    counts = positives(runs)
+    labels = [f"{n if len(n) <= 42 else n[:40] + '...'} "
+              f"(n={'?' if count is None else count})" for n, count in zip(names, counts,
+                                                                          strict=True)]
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0.0, 1.0)
@@ -246,9 +277,7 @@ def plot_ap_per_class(runs: list[Run], path: str, title: str) -> None:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_files.write_atomic(path, buf.getvalue())
+    return fig
 
 
 def write_report(workdirs: Sequence[str], output: str, *, split: str = "validation",

@@ -33,7 +33,12 @@ Ties: archive patches with equal similarity are ranked in archive order (lower i
 as a stable sort of the negated similarities would. Queries without any label have no relevant
 patch and are left out of every mean (their number is reported). With ``exclude_self`` (query
 and archive are the same split) a query never retrieves itself, nor counts in its ideal ranking.
-Per-class values are means over the queries that carry the class.
+Per-class values are means over the queries that carry the class. Whether query and archive
+are one set is decided by their content (patch ids, else every array), not by file names, so a
+copy or a link of the archive file is recognised. Rows whose embedding has a NaN or an inf are
+left out (queries and archive, per mode) and counted in the results and on the console: a NaN
+similarity would rank first. ``chance_precision`` beside the metrics is the precision of a
+random ranking (the share of the archive relevant to a query, averaged over the queries).
 
 Scale: `top_k_similar` never builds the query x archive similarity matrix. Queries stay on the
 accelerator, the archive is streamed in blocks; for each block the similarities of one query
@@ -81,6 +86,9 @@ GAINS = ("shared", "jaccard")
 METRICS = ("precision", "map", "ndcg")
 RESULTS_FILE = "retrieval.json"
 DEFAULT_KS = (10, 100, 1000)
+CHANCE = "chance_precision"
+CHANCE_NOTE = ("`chance_precision`: the precision@k a random ranking has at any k, the share "
+               "of the archive relevant to a query, averaged like the other columns.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,6 +153,8 @@ def top_k_similar(queries: np.ndarray, archive: np.ndarray, k: int, *, query_blo
         raise ValueError(f"queries [Q, d] and archive [A, d] must share d; got "
                          f"{queries.shape} and {archive.shape}")
     q, a = queries.shape[0], archive.shape[0]
+    if q == 0 or a == 0:
+        raise ValueError(f"no {'queries' if q == 0 else 'archive patches'} (0 rows) to rank")
     available = a - (1 if exclude is not None and np.any(exclude >= 0) else 0)
     if not 1 <= k <= available:
         raise ValueError(f"k={k} must be between 1 and the {available} archive patches a query "
@@ -294,8 +304,42 @@ def per_query_metrics(query_labels: np.ndarray, archive_labels: np.ndarray, rank
             out[f"precision@{k}"][sl] = np.where(ok, hk / k, np.nan)
             out[f"map@{k}"][sl] = np.where(ok, ap, np.nan)
             out[f"ndcg@{k}"][sl] = np.where(ok, ndcg, np.nan)
+    out["chance_precision"] = np.where(valid, _chance_precision(query_labels, combos, counts,
+                                                                own >= 0), np.nan)
     out["valid"] = valid
     return out
+
+
+def _chance_precision(query_labels: np.ndarray, combos: np.ndarray, counts: np.ndarray,
+                      has_self: np.ndarray) -> np.ndarray:
+    """The precision of a random ranking, float64 [Q]: the fraction of the archive (the query
+    itself left out when ``has_self``) that shares a label with the query.
+
+    ``combos`` [U, C] bool and ``counts`` [U]: the archive's distinct label sets and their
+    numbers. The archive patches sharing no label with a query are those whose label set lies
+    in the query's complement: for C <= 20 one subset-sum table over the 2^C label sets gives
+    every such count at once; above, a blocked [block, U] overlap test.
+    """
+    c = query_labels.shape[1]
+    total = float(counts.sum())
+    if c <= 20:
+        weights = np.int64(1) << np.arange(c, dtype=np.int64)
+        within = np.zeros(1 << c, np.float64)  # within[m]: archive sets that are subsets of m
+        np.add.at(within, combos.astype(np.int64) @ weights, counts)
+        for bit in range(c):
+            view = within.reshape(-1, 2, 1 << bit)
+            view[:, 1, :] += view[:, 0, :]
+        disjoint = within[(~query_labels).astype(np.int64) @ weights]
+    else:
+        block = max(1, (1 << 24) // max(len(combos), 1))
+        disjoint = np.concatenate([
+            (query_labels[lo:lo + block].astype(np.float32) @ combos.T.astype(np.float32) == 0)
+            @ counts.astype(np.float64) for lo in range(0, len(query_labels), block)]
+            or [np.zeros(0)])
+    own = has_self & query_labels.any(1)
+    available = total - has_self
+    return np.divide(total - disjoint - own, available, out=np.zeros(len(query_labels)),
+                     where=available > 0)
 
 
 def summarize(per_query: Mapping[str, np.ndarray], query_labels: np.ndarray,
@@ -344,6 +388,89 @@ def check_modes(modes: Sequence[str], query: Mapping[str, Any], archive: Mapping
                                  f"{', '.join(sorted(k for k in data if k in _OUTPUT_KEYS))}")
 
 
+def finite_rows(x: Any, block: int = 65536) -> np.ndarray:
+    """bool [N]: the rows of the [N, d] array ``x`` whose values are all finite (read in blocks
+    of ``block`` rows, so a memmap is never loaded whole)."""
+    return np.concatenate([np.isfinite(np.asarray(x[lo:lo + block])).all(axis=1)
+                           for lo in range(0, len(x), block)] or [np.zeros(0, bool)])
+
+
+def same_content(query: Mapping[str, Any], archive: Mapping[str, Any]) -> bool:
+    """Whether two embedding sets are the same set of patches, by content, not by file name:
+    equal ``patch_id`` arrays when both have them, else every array equal (keys, shapes,
+    dtypes, bytes). A copy or a link of one file is the same set; two splits are not."""
+    if "patch_id" in query and "patch_id" in archive:
+        return np.array_equal(np.asarray(query["patch_id"]), np.asarray(archive["patch_id"]))
+    if set(query) != set(archive):
+        return False
+    for key in query:
+        a, b = np.asarray(query[key]), np.asarray(archive[key])
+        if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
+            return False
+    return True
+
+
+def check_sizes(query: Mapping[str, Any], archive: Mapping[str, Any], query_name: str,
+                archive_name: str) -> None:
+    """ValueError naming the file when a set has no row, or arrays whose row counts differ."""
+    for data, name in ((query, query_name), (archive, archive_name)):
+        n = len(data["labels"])
+        if n == 0:
+            raise ValueError(f"{name} holds no patch (0 rows): nothing to retrieve "
+                             f"{'with' if data is query else 'from'}")
+        wrong = [k for k in sorted(_OUTPUT_KEYS | {"index", "patch_id"})
+                 if k in data and len(data[k]) != n]
+        if wrong:
+            raise ValueError(f"{name}: {', '.join(wrong)} must have one row per label row "
+                             f"({n}); got {[len(data[k]) for k in wrong]}")
+
+
+def _self_index(query: Mapping[str, np.ndarray], archive: Mapping[str, np.ndarray]
+                ) -> np.ndarray:
+    """int [Q]: each query's position in the archive (-1 none), by ``index``."""
+    if "index" not in query or "index" not in archive:
+        raise ValueError("exclude_self finds each query in the archive by its 'index' "
+                         "(position in the split, written by mosaic_jax.inference.embed); the "
+                         "query or the archive has none")
+    position = {int(i): p for p, i in enumerate(np.asarray(archive["index"]))}
+    return np.asarray([position.get(int(i), -1) for i in np.asarray(query["index"])], np.int64)
+
+
+def _evaluate_mode(query: Mapping[str, np.ndarray], archive: Mapping[str, np.ndarray],
+                   mode: str, *, ks: Sequence[int], gain: str, exclude_self: bool,
+                   names: Sequence[str], **top_k: Any) -> dict[str, Any]:
+    """One mode's `summarize` result. Rows whose embedding is not finite (NaN, inf: a diverged
+    model, a bad input patch) are left out, queries and archive alike, and counted
+    (``num_queries_non_finite``, ``num_archive_non_finite``): a NaN similarity would otherwise
+    rank first."""
+    kq, ka = MODES[mode]
+    q_ok, a_ok = finite_rows(query[kq]), finite_rows(archive[ka])
+    if not q_ok.any() or not a_ok.any():
+        which = "query" if not q_ok.any() else "archive"
+        raise ValueError(f"mode {mode!r}: no {which} embedding ({kq if which == 'query' else ka})"
+                         " is finite (NaN or inf in every row): a diverged model?")
+    yq, ya = np.asarray(query["labels"], bool), np.asarray(archive["labels"], bool)
+    q_emb, a_emb = query[kq], archive[ka]
+    self_index = _self_index(query, archive) if exclude_self else None
+    if not a_ok.all():
+        a_emb, ya = np.asarray(a_emb)[a_ok], ya[a_ok]
+        if self_index is not None:
+            new_position = np.where(a_ok, np.cumsum(a_ok) - 1, -1)
+            self_index = np.where(self_index >= 0, new_position[self_index], -1)
+    if not q_ok.all():
+        q_emb, yq = np.asarray(q_emb)[q_ok], yq[q_ok]
+        self_index = None if self_index is None else self_index[q_ok]
+    available = len(ya) - (1 if self_index is not None and (self_index >= 0).any() else 0)
+    if max(ks) > available:
+        raise ValueError(f"k={max(ks)} is more than the {available} archive patches a query can "
+                         f"retrieve in mode {mode!r}; pass smaller --ks")
+    _, ranked = top_k_similar(q_emb, a_emb, max(ks), exclude=self_index, **top_k)
+    pq = per_query_metrics(yq, ya, ranked, ks, gain=gain, self_index=self_index)
+    return {"query_output": kq, "archive_output": ka, **summarize(pq, yq, names),
+            "num_queries_non_finite": int((~q_ok).sum()),
+            "num_archive_non_finite": int((~a_ok).sum())}
+
+
 def evaluate(query: Mapping[str, np.ndarray], archive: Mapping[str, np.ndarray], *,
              modes: Sequence[str], ks: Sequence[int] = DEFAULT_KS, gain: str = "shared",
              exclude_self: bool = False, query_block: int = 1024, archive_block: int = 8192,
@@ -353,36 +480,37 @@ def evaluate(query: Mapping[str, np.ndarray], archive: Mapping[str, np.ndarray],
 
     ``query``/``archive``: {output key: float [N, d], "labels": bool [N, C]} (and ``index``,
     used with ``exclude_self`` to find each query in the archive). Returns {"ks", "gain",
-    "modes": {mode: `summarize` result}, ...}.
+    "modes": {mode: `_evaluate_mode` result}, ...}; each mode's ``overall`` and ``per_class``
+    include ``chance_precision``, the precision of a random ranking.
     """
+    check_sizes(query, archive, "the query set", "the archive")
     yq, ya = np.asarray(query["labels"], bool), np.asarray(archive["labels"], bool)
     names = list(class_names if class_names is not None else
                  query.get("class_names", [f"class {c}" for c in range(yq.shape[1])]))
     ks = sorted({int(k) for k in ks})
-    self_index = None
     if exclude_self:
-        if "index" not in query or "index" not in archive:
-            raise ValueError("exclude_self finds each query in the archive by its 'index' "
-                             "(position in the split, written by mosaic_jax.inference.embed); the "
-                             "query or the archive has none")
-        position = {int(i): p for p, i in enumerate(np.asarray(archive["index"]))}
-        self_index = np.asarray([position.get(int(i), -1) for i in np.asarray(query["index"])])
-    kmax = min(max(ks), len(ya) - (1 if exclude_self else 0))
-    if kmax < max(ks):
-        raise ValueError(f"k={max(ks)} is more than the {kmax} archive patches a query can "
-                         "retrieve; pass smaller --ks")
+        _self_index(query, archive)  # the error before any work
     result: dict[str, Any] = {"ks": ks, "gain": gain, "similarity": "cosine",
                               "exclude_self": exclude_self, "approx_top_k": approx,
                               "num_archive": int(len(ya)), "class_names": names, "modes": {}}
     for mode in modes:
-        kq, ka = MODES[mode]
-        _, ranked = top_k_similar(query[kq], archive[ka], kmax, query_block=query_block,
-                                  archive_block=archive_block, exclude=self_index,
-                                  approx=approx)
-        pq = per_query_metrics(yq, ya, ranked, ks, gain=gain, self_index=self_index)
-        result["modes"][mode] = {"query_output": kq, "archive_output": ka,
-                                 **summarize(pq, yq, names)}
+        result["modes"][mode] = _evaluate_mode(
+            query, archive, mode, ks=ks, gain=gain, exclude_self=exclude_self, names=names,
+            query_block=query_block, archive_block=archive_block, approx=approx)
     return result
+
+
+def non_finite_lines(result: Mapping[str, Any]) -> list[str]:
+    """One sentence per mode that left out rows with non-finite embeddings."""
+    lines = []
+    for mode, r in result["modes"].items():
+        nq, na = r.get("num_queries_non_finite", 0), r.get("num_archive_non_finite", 0)
+        if nq or na:
+            lines.append(f"Mode {mode}: left out {nq} of {r['num_queries'] + nq} queries and "
+                         f"{na} of {result['num_archive']} archive patches whose embeddings "
+                         f"({r['query_output']}, {r['archive_output']}) are not finite "
+                         "(NaN or inf).")
+    return lines
 
 
 def _fmt(value: float | None) -> str:
@@ -396,21 +524,23 @@ def results_markdown(result: Mapping[str, Any]) -> str:
     cols = [f"{m}@{k}" for m in METRICS for k in ks]
     gain = ("number of shared labels" if result["gain"] == "shared" else
             "Jaccard overlap of the label sets")
+    cols.append(CHANCE)
     lines = [f"# Retrieval ({result.get('query', 'query')} -> {result.get('archive', 'archive')})",
              "", f"Cosine similarity; relevant = shares at least one label; NDCG gain 2^g - 1 "
-             f"with g the {gain}; {result['num_archive']} archive patches.", ""]
+             f"with g the {gain}; {result['num_archive']} archive patches. {CHANCE_NOTE}", "",
+             *[f"{line}\n" for line in non_finite_lines(result)]]
     align = ["left", *["right"] * (len(cols) + 1)]
     lines += table_lines(
         ["mode", "queries", *cols],
         [[mode, r["num_queries"] - r["num_queries_without_labels"],
-          *(_fmt(r["overall"][c]) for c in cols)] for mode, r in result["modes"].items()],
+          *(_fmt(r["overall"].get(c)) for c in cols)] for mode, r in result["modes"].items()],
         align)
     for mode, r in result["modes"].items():
         lines += ["", f"## Per class, mode {mode} ({r['query_output']} -> "
                   f"{r['archive_output']})", ""]
         lines += table_lines(
             ["class", "queries", *cols],
-            [[name, row["num_queries"], *(_fmt(row[c]) for c in cols)]
+            [[name, row["num_queries"], *(_fmt(row.get(c)) for c in cols)]
              for name, row in r["per_class"].items()], align)
     return "\n".join(lines) + "\n"
 
@@ -439,7 +569,7 @@ def report_table(named: Sequence[tuple[str, str, Mapping[str, Any]]]) -> tuple[s
     the runs has (empty where a run lacks that k).
     """
     ks = sorted({k for _, _, r in named for k in r["ks"]})
-    cols = [f"{m}@{k}" for m in METRICS for k in ks]
+    cols = [f"{m}@{k}" for m in METRICS for k in ks] + [CHANCE]
     rows = [[method, dataset, mode, r.get("query", ""), r.get("archive", ""),
              *(m["overall"].get(c) for c in cols)]
             for method, dataset, r in named for mode, m in r["modes"].items()]
@@ -465,7 +595,7 @@ def report_files(runs: Sequence[Any]) -> tuple[dict[str, str], str | None]:
     md, table = report_table(named)
     note = ("Cosine similarity; relevant = shares at least one label; NDCG gain from the "
             "number of shared labels or their Jaccard overlap (each run's `gain`); from each "
-            "workdir's `retrieval/retrieval.json`.\n\n")
+            f"workdir's `retrieval/retrieval.json`. {CHANCE_NOTE}\n\n")
     return ({"retrieval.md": f"# Retrieval\n\n{note}{md}", "retrieval.csv": table},
             f"## Retrieval\n\n{note}{md}")
 
@@ -540,11 +670,11 @@ def _run(args: argparse.Namespace) -> None:
         query = embed(args.query_split)
         archive = query if args.archive_split == args.query_split else embed(
             args.archive_split)
-        same = args.archive_split == args.query_split
     else:
         query_name, archive_name = args.query_npz, args.archive_npz
         query, archive = _load_npz(args.query_npz), _load_npz(args.archive_npz)
-        same = os.path.abspath(args.query_npz) == os.path.abspath(args.archive_npz)
+    check_sizes(query, archive, query_name, archive_name)
+    same = archive is query or same_content(query, archive)
     modes = args.modes or available_modes(query, archive)
     check_modes(modes, query, archive, query_name, archive_name)
     exclude = same if args.exclude_self == "auto" else args.exclude_self == "yes"
@@ -552,10 +682,12 @@ def _run(args: argparse.Namespace) -> None:
                       exclude_self=exclude, query_block=args.query_block,
                       archive_block=args.archive_block, approx=args.approx)
     result["query"], result["archive"] = query_name, archive_name
-    skipped = [m for m in MODES if m not in modes]
+    skipped = [m for m in MODES if m not in available_modes(query, archive)]
     result["skipped_modes"] = skipped
     paths = write_results(result, args.output)
     print(results_markdown(result).split("\n## ")[0])
+    for line in non_finite_lines(result):
+        print(f"warning: {line}")
     if skipped:
         print(f"Skipped modes (outputs missing): {', '.join(skipped)}")
     print(f"Wrote {paths[0]} and {paths[1]}")

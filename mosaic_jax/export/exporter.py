@@ -134,6 +134,7 @@ def export_embedder(config: Any, variables: Mapping[str, Any], input_size: int,
                     platforms: Sequence[str] = ("cpu", "cuda", "tpu")
                     ) -> tuple[jax.export.Exported, dict[str, str]]:
     """``jax.export`` of `make_embed_fn` with a symbolic batch size ``b``."""
+    platforms = check_platforms(platforms)
     fn, described = make_embed_fn(config, variables, input_size)
     (_, _, c1), (_, _, c2) = models.input_shapes(config)
     (b,) = jax.export.symbolic_shape("b")
@@ -141,6 +142,23 @@ def export_embedder(config: Any, variables: Mapping[str, Any], input_size: int,
             jax.ShapeDtypeStruct((b, input_size, input_size, c2), jnp.float32))
     exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*args)
     return exported, described
+
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+"""The platforms `jax.export` lowers for (jax backends' names); the embedder loads on each."""
+
+
+def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+    """``platforms`` as a tuple; ValueError naming the valid ones when one is unknown (jax
+    would serialise an embedder for it that no backend can load), repeated, or none is given."""
+    platforms = tuple(platforms)
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if unknown or not platforms or len(set(platforms)) != len(platforms):
+        what = (f"unknown platform(s) {', '.join(map(repr, unknown))}" if unknown else
+                "no platform" if not platforms else f"repeated platforms in {list(platforms)}")
+        raise ValueError(f"--platforms: {what}; valid: {', '.join(PLATFORMS)} (comma-separated, "
+                         "e.g. cpu,cuda,tpu)")
+    return platforms
 
 
 def _check_output_dir(output: str) -> None:
@@ -318,8 +336,10 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
     """Writes the export of ``workdir``'s checkpoint (default: latest) to ``output``.
 
     Returns the ``model.json`` dict. FileNotFoundError naming the workdir when it has no
-    checkpoint; FileExistsError when ``output`` is something other than a previous export.
+    checkpoint; FileExistsError when ``output`` is something other than a previous export;
+    ValueError for a platform outside `PLATFORMS`, before any work.
     """
+    platforms = check_platforms(platforms)
     output = os.path.abspath(os.path.expanduser(output))
     _check_output_dir(output)
     run = checkpoints.restore_variables(workdir, step)
@@ -357,14 +377,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--input_size", type=int, default=None,
                         help="side of the embedder's input patches (default: the dataset's)")
     parser.add_argument("--platforms", default="cpu,cuda,tpu",
-                        help="comma-separated jax.export platforms")
+                        help=f"comma-separated jax.export platforms, of {', '.join(PLATFORMS)}")
     args = parser.parse_args(argv)
 
     def work() -> dict:
+        try:  # a wrong flag value: status 2, before anything is read
+            platforms = check_platforms([p for p in args.platforms.split(",") if p])
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
         cli.check_output(args.output, folder=True)
         return export_workdir(args.workdir, args.output, step=args.step,
-                              input_size=args.input_size,
-                              platforms=[p for p in args.platforms.split(",") if p])
+                              input_size=args.input_size, platforms=platforms)
 
     info = cli.run(work, argv, paths=[args.output])
     files = sorted(os.listdir(os.path.abspath(args.output)))

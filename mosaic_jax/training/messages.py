@@ -21,3 +21,22 @@ def done_line(final_step: int, start_step: int, seconds: float) -> str:
         return (f"Done: step {final_step}; this run did {done} steps (resumed at step "
                 f"{start_step}) in {seconds:.0f} s.")
     return f"Done: {final_step} steps in {seconds:.0f} s."
+
+
+def _duration(seconds: float) -> str:
+    """`42 s`, `7 min`, `3 h 05 min`."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = int(round(seconds / 60))
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def progress_line(step: int, total: int, loss: float, steps_per_sec: float | None,
+                  batch_size: int) -> str:
+    """The one console line of a training log step: step, loss, throughput and ETA (the other
+    metrics go to TensorBoard). `steps_per_sec` is None before the first measured interval."""
+    line = f"step {step}/{total}: loss {loss:.4f}"
+    if steps_per_sec:
+        line += (f", {steps_per_sec:.2f} steps/s ({steps_per_sec * batch_size:.0f} patches/s)"
+                 f", ETA {_duration((total - step) / steps_per_sec)}")
+    return line

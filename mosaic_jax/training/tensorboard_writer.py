@@ -5,8 +5,8 @@ TensorFlow, and importing anything under `clu.metric_writers` imports TensorFlow
 `__init__` imports the TF summary writer). `TensorBoardWriter` offers the same methods the
 training loop calls on a clu writer (`write_scalars`, `write_images`, `write_texts`,
 `write_hparams`, `flush`, `close`) and writes the events with tensorboardX, which reads and writes
-the event format with protobuf alone. Scalars are also logged (like clu's `LoggingWriter`), so a
-run that writes no events (non-chief processes) still reports them.
+the event format with protobuf alone. A writer without an event file (non-chief processes) logs
+its scalars instead (like clu's `LoggingWriter`); one with a file keeps them off the console.
 
 It does not subclass `clu.metric_writers.MetricWriter`: that import alone pulls in TensorFlow.
 """
@@ -53,6 +53,7 @@ class TensorBoardWriter:
 
     def __init__(self, logdir: str | None, *, flush_secs: int = 30):
         self._writer = None
+        self._log_scalars = logdir is None  # with an event file, scalars stay off the console
         if logdir is not None:
             if atomic_files.is_remote(logdir) and not str(logdir).startswith("gs://"):
                 raise ValueError(f"workdir {logdir!r}: TensorBoard events can be written to "
@@ -66,7 +67,8 @@ class TensorBoardWriter:
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One scalar per tag at `step`; float() of each value (0-d arrays included)."""
         values = {k: float(v) for k, v in scalars.items()}
-        logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
+        if self._log_scalars:
+            logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
         if self._writer is not None:
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, global_step=step)
@@ -116,7 +118,9 @@ def create_writer(workdir: str, *, just_logging: bool = False) -> TensorBoardWri
 
 
 class ReportProgress:
-    """Every `every_steps` steps: writes ``steps_per_sec`` and logs progress and ETA.
+    """Every `every_steps` steps: writes ``steps_per_sec`` and keeps it in `steps_per_sec`
+    (None until measured) for the loop's console line
+    (`mosaic_jax.training.messages.progress_line`).
 
     The training-loop hook of `clu.periodic_actions.ReportProgress` (call it with the step after
     each step), which cannot be used without TensorFlow (it imports `clu.metric_writers`).
@@ -127,6 +131,7 @@ class ReportProgress:
             raise ValueError(f"every_steps must be >= 1, got {every_steps}")
         self.total, self.writer, self.every = num_train_steps, writer, every_steps
         self._last: tuple[int, float] | None = None
+        self.steps_per_sec: float | None = None
 
     def __call__(self, step: int) -> None:
         now = time.time()
@@ -140,7 +145,5 @@ class ReportProgress:
         if step <= last_step or now <= last_time:
             return
         rate = (step - last_step) / (now - last_time)
+        self.steps_per_sec = rate
         self.writer.write_scalars(step, {"steps_per_sec": rate})
-        eta_min = (self.total - step) / rate / 60.0
-        logging.info("%.2f steps/s, %.1f%% (%d/%d), ETA: %.0f min", rate,
-                     100.0 * step / self.total, step, self.total, eta_min)

@@ -555,8 +555,12 @@ def _train(run: _Run, state: TrainState, start_step: int) -> tuple[TrainState, b
         run.train_seconds = time.time() - t0
         run.progress(step)
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
-            run.writer.write_scalars(step, {f"train/{k}": float(v) / count
-                                            for k, v in sums.items()})
+            means = {f"train/{k}": float(v) / count for k, v in sums.items()}
+            run.writer.write_scalars(step, means)
+            if run.is_chief:
+                print(messages.progress_line(step, config.num_train_steps, means["train/loss"],
+                                            run.progress.steps_per_sec, config.batch_size),
+                      flush=True)
             sums, count = None, 0
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
             _ensure_finite(run, *unchecked)
