@@ -123,6 +123,7 @@ def normalize(
     bands: str | Sequence[str],
     *,
     out: np.ndarray | None = None,
+    stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Selects `bands` from a stored-order array and normalises them to zero mean, unit std.
 
@@ -133,11 +134,18 @@ def normalize(
       modality: "s1" or "s2".
       bands: band names (model channel order) or a subset name, see `resolve_bands`.
       out: optional float32 [..., len(bands)] buffer to write into (avoids a copy when batching).
+      stats: optional (mean, std) float32 [len(bands)] in stored units replacing the dataset's
+        (`mosaic_jax.data.input_norm`: the statistics a pretrained encoder expects).
 
     Returns:
       float32 [..., len(bands)]: (x - mean) / std, SEN12MS S1 clipped to [-25, 0] dB first.
     """
     idx, mean, std = _plan(dataset, modality, _as_tuple(bands, dataset, modality))
+    if stats is not None:
+        mean, std = stats
+        if np.shape(mean) != idx.shape or np.shape(std) != idx.shape:
+            raise ValueError(f"stats must be two [{len(idx)}] arrays, got {np.shape(mean)} and "
+                             f"{np.shape(std)}")
     x = np.asarray(x)
     stored = stored_bands(dataset, modality)
     if x.shape[-1] != len(stored):

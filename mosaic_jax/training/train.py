@@ -36,11 +36,11 @@ from jax.sharding import PartitionSpec as P
 
 from data_builders import atomic_files, console, datasets
 from mosaic_jax import objectives
-from mosaic_jax.data import augment, bands
+from mosaic_jax.data import augment, input_norm
 from mosaic_jax.data.demo_data import demo_data_dir
 from mosaic_jax.evaluation.metrics import format_metrics_markdown, multilabel_metrics
 from mosaic_jax.evaluation.tsne_plot import plot_tsne
-from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables
+from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables, pretrained
 from mosaic_jax.training import checkpoints
 from mosaic_jax.training.configuration import validate_config
 from mosaic_jax.training.distributed import PreemptionWatcher
@@ -169,10 +169,27 @@ def load_pretrained(state: TrainState, workdir: str) -> TrainState:
     return state.replace(params=params, batch_stats=batch_stats)
 
 
+def import_pretrained(state: TrainState, config: ml_collections.ConfigDict, workdir: str, *,
+                      verbose: bool) -> TrainState:
+    """`state` with the towers that `model.*init` names started from their weight files; the
+    chief prints what it loaded and writes it to the workdir's `IMPORTED_WEIGHTS_FILE`."""
+    if not pretrained.tower_inits(config):
+        return state
+    params, batch_stats, records = pretrained.import_weights(config, state.params,
+                                                             state.batch_stats)
+    if verbose:
+        for record in records:
+            print(pretrained.describe(record), flush=True)
+        atomic_files.write_atomic(os.path.join(workdir, pretrained.IMPORTED_WEIGHTS_FILE),
+                                  json.dumps(records, indent=1))
+    return state.replace(params=jax.tree.map(jnp.asarray, params),
+                         batch_stats=jax.tree.map(jnp.asarray, batch_stats))
+
+
 def augment_config(config: ml_collections.ConfigDict) -> augment.AugmentConfig:
-    """The `augment` section as an `AugmentConfig`, with the dataset's S1 std (dB noise is
-    drawn in dB and converted to normalised units)."""
-    _, std = bands.band_stats(config.data.name, "s1", config.data.s1_bands)
+    """The `augment` section as an `AugmentConfig`, with the S1 std of the input normalisation
+    (`data.s1_norm`; dB noise is drawn in dB and converted to normalised units)."""
+    _, std = input_norm.norm_stats(config)["s1"]
     return augment.AugmentConfig(**config.augment, sar_std_db=tuple(float(x) for x in std))
 
 
@@ -463,15 +480,18 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
         global_batch_size=config.batch_size, seed=config.seed, s1_bands=d.s1_bands,
         s2_bands=d.s2_bands, train_fraction=d.train_fraction, label_fraction=d.label_fraction,
         subset_seed=d.subset_seed, worker_count=d.worker_count,
-        prefetch_buffer=d.prefetch_buffer)
+        prefetch_buffer=d.prefetch_buffer, norm_stats=input_norm.norm_stats(config))
     eval_ds = input_pipeline.make_eval_dataset(
         input_pipeline.open_source(d.name, d.eval_split, data_dir), dataset=d.name,
-        global_batch_size=config.eval_batch_size, s1_bands=d.s1_bands, s2_bands=d.s2_bands)
+        global_batch_size=config.eval_batch_size, s1_bands=d.s1_bands, s2_bands=d.s2_bands,
+        norm_stats=input_norm.norm_stats(config))
 
     mesh = make_mesh()
     model = create_model(config)
     tx = create_optimizer(config)
     state = init_state(config, model, tx)
+    if not config.init_from and not checkpoints.checkpoint_steps(workdir):  # not on a resume
+        state = import_pretrained(state, config, workdir, verbose=is_chief)
     if config.init_from:
         state = load_pretrained(state, config.init_from)
         if is_chief:
