@@ -374,6 +374,89 @@ def test_normalize_with_stats_checks_their_length():
         bands.normalize(x, "bigearthnet_v2", "s2", "rgb", stats=(np.zeros(2), np.ones(2)))
 
 
+def test_report_names_runs_after_their_weight_files():
+    from mosaic_jax.evaluation import report
+
+    config = {"objective": "mosaic1", "num_train_steps": 0,
+              "model": {"s1_init": "gs://b/ssl4eo_s1_moco.pth", "s2_init": "/w/s2_moco.safetensors",
+                        "init": ""}}
+    assert report.method_name(config, "/runs/x") == "ssl4eo_s1_moco + s2_moco"
+    config["num_train_steps"] = 100
+    assert report.method_name(config, "/runs/x") == "mosaic1 from ssl4eo_s1_moco + s2_moco"
+    assert report.method_name({"objective": "mosaic1", "model": {}}, "/x") == "mosaic1"
+
+
 def test_records_are_json(r50_imported):
     *_, records = r50_imported
     assert json.loads(json.dumps(records))[0]["bands"]["B01"] == "B01"
+
+
+@pytest.mark.slow
+def test_step0_run_exports_the_imported_encoder_and_resumes_without_importing(
+        prepared_fake, tmp_path):
+    """A MoSAiC config with an SSL4EO-S12-like S2 ResNet-50 file and num_train_steps=0: the
+    checkpoint of step 0 exports the file's tensors again (conv1: the kept columns), model.json
+    and embed use the file's normalisation, a rerun restores instead of importing, and a linear
+    probe starts from the step-0 checkpoint."""
+    from conftest import program_config
+
+    from mosaic_jax.evaluation import report
+    from mosaic_jax.export import exporter
+    from mosaic_jax.inference import embed
+    from mosaic_jax.training import checkpoints, train
+
+    sd = random_state_dict(torchvision_resnet_shapes(50, 2, 13, num_classes=5), seed=8)
+    weights = tmp_path / "ssl4eo_s2_moco.safetensors"
+    safetensors.numpy.save_file(sd, str(weights))
+    config = program_config(prepared_fake)
+    config.num_train_steps = 0
+    config.model.stem = "standard"
+    config.model.s2_encoder = "resnet50"
+    config.model.s2_init = str(weights)
+    config.model.s2_init_bands = "ssl4eo_s2_l1c"
+    config.data.s2_bands = "s2_all"
+    workdir = str(tmp_path / "ssl4eo_s2_moco_step0")
+    train.train_and_evaluate(config, workdir)
+    assert checkpoints.checkpoint_steps(workdir) == [0]
+    (record,) = json.loads((tmp_path / workdir / pretrained.IMPORTED_WEIGHTS_FILE).read_text())
+    assert record["file"] == str(weights) and record["dropped_bands"] == ["B10"]
+
+    out = str(tmp_path / "export")
+    info = exporter.export_workdir(workdir, out, platforms=("cpu",))
+    assert info["inputs"]["s2"]["norm"] == "ssl4eo_s2_l1c"
+    assert info["inputs"]["s2"]["mean"] == [0.0] * 12
+    assert info["inputs"]["s2"]["std"] == [10000.0] * 12
+    assert info["inputs"]["s1"]["norm"] == "dataset"
+    back = safetensors.numpy.load_file(f"{out}/encoder_s2.safetensors")
+    kept = [input_norm.SSL4EO_S2_L1C_BANDS.index(b) for b in BEN_S2]
+    for name, value in sd.items():
+        if name == "conv1.weight":
+            np.testing.assert_array_equal(back[name], value[:, kept])
+        elif not name.endswith("num_batches_tracked") and not name.startswith("fc."):
+            np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+    # embed normalises with the export's statistics (reflectance here, not the dataset's).
+    got = embed.embed_split(out, split="validation", data_dir=prepared_fake, batch_size=4,
+                            max_batches=1, progress=False, patch_ids=False)
+    from mosaic_jax.data import input_pipeline
+    source = input_pipeline.open_source("bigearthnet_v2", "validation", prepared_fake)
+    s1 = np.stack([bands.normalize(source[i]["s1"], "bigearthnet_v2", "s1",
+                                   config.data.s1_bands) for i in range(4)])
+    s2 = np.stack([source[i]["s2"].astype(np.float32) / 10000 for i in range(4)])
+    from mosaic_jax import export
+    want = export.load_embedder(out)(s1, s2)
+    np.testing.assert_allclose(got["h_s2"], want["h_s2"], rtol=1e-6, atol=1e-6)
+
+    weights.unlink()  # a rerun restores the checkpoint; it must not read the file again
+    train.train_and_evaluate(config, workdir)
+    probe = importlib.import_module("configs.linear_probe").get_config("demo")
+    probe.init_from = workdir
+    probe.data.demo = False
+    probe.data.data_dir = prepared_fake
+    probe.num_train_steps = 1
+    probe.batch_size = probe.eval_batch_size = 16
+    probe.tsne_points = 0
+    metrics = train.train_and_evaluate(probe, str(tmp_path / "probe"))
+    assert "macro_ap" in metrics
+    probed = report.load_run(str(tmp_path / "probe"))
+    assert probed.method == "ssl4eo_s2_moco, linear probe"

@@ -20,7 +20,10 @@ workdir's ``config.json`` and ``metrics_<split>.json`` (written by
 
 A method is named after the run's objective (the workdir's name when it has no config); a
 downstream run (``init_from``) after the pretraining it started from and its protocol
-("mosaic1, linear probe", "mosaic1, fine-tune"). Runs of the same dataset with the same name get
+("mosaic1, linear probe", "mosaic1, fine-tune"). A run whose towers started from weight files
+(``model.s2_init``, ...) is named after the files: "ssl4eo_s2_moco" when it trained no step (the
+probe of the imported encoder reads "ssl4eo_s2_moco, linear probe"), "mosaic1 from
+ssl4eo_s2_moco" otherwise. Runs of the same dataset with the same name get
 their workdir's name appended, and ``--names`` overrides all names. A run whose objective has no
 BCE term never trained its classifier: its AP and F1 are an untrained head's, so the comparison
 shows ``untrained`` in those columns (the CSV keeps the values and says so in
@@ -75,14 +78,35 @@ class Run:
 PROTOCOLS = {"linear_probe": "linear probe", "full": "fine-tune"}
 
 
+def weights_name(config: dict[str, Any]) -> str | None:
+    """The weight files a run's towers started from (``model.s1_init``, ``s2_init``, ``init``)
+    by file name without extension, joined by " + "; None when it started from random weights.
+    """
+    model = config.get("model", {})
+    files = [model.get(k) for k in ("s1_init", "s2_init", "init") if model.get(k)]
+    if not files:
+        return None
+    return " + ".join(os.path.splitext(os.path.basename(str(f)))[0] for f in files)
+
+
+def _objective_name(config: dict[str, Any]) -> str | None:
+    """The objective, or after weights it imported: the files' names when it trained no step
+    (their frozen features), "objective from files" otherwise."""
+    objective, weights = config.get("objective"), weights_name(config)
+    if weights is None:
+        return objective
+    return weights if config.get("num_train_steps") == 0 else f"{objective} from {weights}"
+
+
 def _pretraining_name(init_from: str) -> str:
-    """The objective of the pretraining workdir `init_from` (its folder name when unreadable)."""
+    """The name of the pretraining workdir `init_from` (`_objective_name`; its folder name when
+    unreadable)."""
     try:
         with open(os.path.join(os.path.expanduser(init_from), CONFIG_FILE)) as f:
-            objective = json.load(f).get("objective")
+            name = _objective_name(json.load(f))
     except (OSError, ValueError):
-        objective = None
-    return objective or os.path.basename(os.path.normpath(init_from))
+        name = None
+    return name or os.path.basename(os.path.normpath(init_from))
 
 
 def method_name(config: dict[str, Any], workdir: str) -> str:
@@ -91,7 +115,7 @@ def method_name(config: dict[str, Any], workdir: str) -> str:
     if init_from:
         mode = config.get("train_mode", "full")
         return f"{_pretraining_name(init_from)}, {PROTOCOLS.get(mode, mode)}"
-    name = config.get("objective") or os.path.basename(workdir)
+    name = _objective_name(config) or os.path.basename(workdir)
     return name if classifier_trained(config) else f"{name} (classifier untrained)"
 
 

@@ -135,13 +135,22 @@ def random_state(config: ml_collections.ConfigDict, *, seed: int = 0, step: int 
         rng=jnp.zeros(shapes.rng.shape, shapes.rng.dtype))
 
 
+# What the encoders of an `init_from` run were trained to see: a probe or fine-tune keeps them.
+INPUT_KEYS = ("s1_bands", "s2_bands", "s1_norm", "s2_norm", "s1_norm_mean", "s1_norm_std",
+              "s2_norm_mean", "s2_norm_std")
+
+
 def adopt_pretrained_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` whose `model` section is the one of the `init_from` run."""
+    """A copy of `config` whose `model` section, and input bands and normalisation (the
+    `INPUT_KEYS` of `data`), are those of the `init_from` run."""
     pretrained = checkpoints.load_config(config.init_from)
     config = ml_collections.ConfigDict(config.to_dict())
     for key, value in pretrained.model.items():
         if key in config.model:
             config.model[key] = value
+    for key in INPUT_KEYS:
+        if key in pretrained.data and key in config.data:
+            config.data[key] = pretrained.data[key]
     return config
 
 
