@@ -368,6 +368,25 @@ def test_auto_normalisation_follows_the_tower_preset():
     assert [t.module for t in pretrained.tower_inits(single)] == ["enc"]
 
 
+def test_sen12ms_l1c_takes_every_ssl4eo_band_under_the_preset_only():
+    """SEN12MS has no statistics for B01, B09, B10: with the dataset's normalisation they are
+    refused, with the SSL4EO-S12 preset all 13 L1C bands are the file's channels exactly."""
+    c = _config(s2_init="w.safetensors")
+    configuration.apply_args(c, ("sen12ms",))
+    c.data.s2_norm = "dataset"
+    with pytest.raises(configuration.ConfigError, match="config key 'data.s2_bands'.*B01"):
+        configuration.validate_config(c, 8)
+    c.data.s2_norm = "auto"
+    configuration.validate_config(c, 8)
+    (tower,) = pretrained.tower_inits(c)
+    assert tower.run_bands == tower.file_bands == input_norm.SSL4EO_S2_L1C_BANDS
+    mean, std = input_norm.norm_stats(c)["s2"]
+    assert mean.tolist() == [0.0] * 13 and std.tolist() == [10000.0] * 13
+    raw = np.arange(2 * 13, dtype=np.uint16).reshape(2, 13) * 100
+    got = bands.normalize(raw, "sen12ms", "s2", "s2_all", stats=(mean, std))
+    np.testing.assert_allclose(got, raw / 10000, rtol=1e-6)
+
+
 def test_normalize_with_stats_checks_their_length():
     x = np.ones((2, 2, 12), np.uint16)
     with pytest.raises(ValueError, match=r"stats must be two \[3\] arrays"):

@@ -287,7 +287,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
 
     for key, modality in (("data.s1_bands", "s1"), ("data.s2_bands", "s2")):
         try:
-            bands.band_stats(config.data.name, modality, values[key])
+            if _dataset_norm(config, modality):  # else a weight file's: any stored band
+                bands.band_stats(config.data.name, modality, values[key])
+            bands.resolve_bands(values[key], config.data.name, modality)
         except ValueError as e:
             _fail(key, str(e))
     _validate_pretrained(config)
@@ -302,6 +304,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     if config.eval_batch_size % devices:
         _fail("eval_batch_size", f"{config.eval_batch_size} is not divisible by the "
               f"{devices} devices")
+
+
+def _dataset_norm(config: ml_collections.ConfigDict, modality: str) -> bool:
+    """Whether `modality`'s inputs are normalised with the dataset's statistics."""
+    from mosaic_jax.data import input_norm
+    return input_norm.norm_name(config, modality) == "dataset"
 
 
 def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
