@@ -175,7 +175,12 @@ def _torch_tensors(data: bytes, source: str) -> dict[str, np.ndarray]:
     except ImportError:
         raise ValueError(f"reading {source} (a PyTorch file) needs torch: pip install torch, or "
                          "convert the file to .safetensors") from None
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:  # weights_only: a file cannot run code while it is read
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle and zip errors of several types
+        raise ValueError(f"torch.load(weights_only=True) cannot read {source} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         ) from None
     out = {}
     for name, value in unwrap_state_dict(obj, source).items():
         value = value.detach().cpu()
