@@ -250,6 +250,9 @@ def test_a_band_the_file_lacks_stops_the_import_naming_it(tmp_path):
 def test_files_that_are_missing_or_not_state_dicts(tmp_path):
     with pytest.raises(FileNotFoundError, match="config key 'model.s2_init': no such file"):
         pretrained.read_state_dict(str(tmp_path / "nope.safetensors"), "model.s2_init")
+    with pytest.raises(FileNotFoundError, match="config key 'model.s2_init': no such file"):
+        pretrained.check_files(_config(s2_init=str(tmp_path / "nope.safetensors")))
+    pretrained.check_files(_config())  # no weight file: nothing to check
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="bad.safetensors is not a safetensors file"):

@@ -215,6 +215,14 @@ def read_state_dict(path: str, key: str = "model.init") -> dict[str, np.ndarray]
         raise ValueError(f"config key '{key}': {e}") from None
 
 
+def check_files(config: Any) -> None:
+    """FileNotFoundError naming the key of the first weight file that does not exist (a run
+    checks before compiling anything)."""
+    for tower in tower_inits(config):
+        if not epath.Path(tower.path).is_file():
+            raise FileNotFoundError(f"config key '{tower.key}': no such file {tower.path!r}")
+
+
 def map_first_conv(weight: np.ndarray, file_bands: Sequence[str], run_bands: Sequence[str],
                    fill: str) -> tuple[np.ndarray, dict[str, str]]:
     """The first convolution [O, C_file, kh, kw] mapped to the run's bands: [O, C_run, kh, kw].

@@ -477,6 +477,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
 
     workdir = checkpoints.resolve_workdir(workdir)  # a URL (gs://bucket/runs/x) as given
     checkpoints.check_workdir_matches(workdir, config)  # before any compile
+    importing = not config.init_from and not checkpoints.checkpoint_steps(workdir)  # no resume
+    if importing:
+        pretrained.check_files(config)  # before any compile
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     d = config.data
@@ -499,7 +502,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
     model = create_model(config)
     tx = create_optimizer(config)
     state = init_state(config, model, tx)
-    if not config.init_from and not checkpoints.checkpoint_steps(workdir):  # not on a resume
+    if importing:
         state = import_pretrained(state, config, workdir, verbose=is_chief)
     if config.init_from:
         state = load_pretrained(state, config.init_from)
