@@ -104,6 +104,14 @@ def _plan(
     return idx, mean, std
 
 
+@functools.lru_cache(maxsize=256)
+def _indices(dataset: str, modality: str, bands: tuple[str, ...]) -> np.ndarray:
+    """Channel indices of `bands` into the stored array; cached."""
+    stored = stored_bands(dataset, modality)
+    return np.array([stored.index(b) for b in resolve_bands(bands, dataset, modality)],
+                    dtype=np.intp)
+
+
 def _as_tuple(bands: str | Sequence[str], dataset: str, modality: str) -> tuple[str, ...]:
     return resolve_bands(bands, dataset, modality) if isinstance(bands, str) else tuple(bands)
 
@@ -123,6 +131,7 @@ def normalize(
     bands: str | Sequence[str],
     *,
     out: np.ndarray | None = None,
+    stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Selects `bands` from a stored-order array and normalises them to zero mean, unit std.
 
@@ -133,11 +142,20 @@ def normalize(
       modality: "s1" or "s2".
       bands: band names (model channel order) or a subset name, see `resolve_bands`.
       out: optional float32 [..., len(bands)] buffer to write into (avoids a copy when batching).
+      stats: optional (mean, std) float32 [len(bands)] in stored units replacing the dataset's
+        (`mosaic_jax.data.input_norm`: the statistics a pretrained encoder expects).
 
     Returns:
       float32 [..., len(bands)]: (x - mean) / std, SEN12MS S1 clipped to [-25, 0] dB first.
     """
-    idx, mean, std = _plan(dataset, modality, _as_tuple(bands, dataset, modality))
+    if stats is None:
+        idx, mean, std = _plan(dataset, modality, _as_tuple(bands, dataset, modality))
+    else:  # any stored band: the registry need not have statistics for it
+        idx = _indices(dataset, modality, _as_tuple(bands, dataset, modality))
+        mean, std = stats
+        if np.shape(mean) != idx.shape or np.shape(std) != idx.shape:
+            raise ValueError(f"stats must be two [{len(idx)}] arrays, got {np.shape(mean)} and "
+                             f"{np.shape(std)}")
     x = np.asarray(x)
     stored = stored_bands(dataset, modality)
     if x.shape[-1] != len(stored):

@@ -33,7 +33,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -278,16 +278,24 @@ def _get_many(source: Any, indices: Sequence[int]) -> list[dict]:
     return [source[i] for i in indices]
 
 
+# modality ("s1", "s2") -> (mean, std) float32 [bands] in stored units (`data.input_norm`).
+NormStats = Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+
 class _Normalizer:
     """Band selection + normalisation of one example's s1/s2 into batch buffers."""
 
-    def __init__(self, dataset: str, s1_bands: str | Sequence[str], s2_bands: str | Sequence[str]):
+    def __init__(self, dataset: str, s1_bands: str | Sequence[str], s2_bands: str | Sequence[str],
+                 norm_stats: NormStats | None = None):
         self.dataset = dataset
         self.s1_bands = bands_lib.resolve_bands(s1_bands, dataset, "s1")
         self.s2_bands = bands_lib.resolve_bands(s2_bands, dataset, "s2")
+        self.stats = dict(norm_stats or {})  # modality -> (mean, std) replacing the dataset's
         # Fail early on bands without statistics.
-        bands_lib.band_stats(dataset, "s1", self.s1_bands)
-        bands_lib.band_stats(dataset, "s2", self.s2_bands)
+        if "s1" not in self.stats:
+            bands_lib.band_stats(dataset, "s1", self.s1_bands)
+        if "s2" not in self.stats:
+            bands_lib.band_stats(dataset, "s2", self.s2_bands)
 
     def new_batch(self, example: dict, size: int) -> dict[str, np.ndarray]:
         """Zeroed buffers for `size` examples shaped like `example`."""
@@ -300,8 +308,10 @@ class _Normalizer:
         )
 
     def fill(self, batch: dict[str, np.ndarray], j: int, example: dict) -> None:
-        bands_lib.normalize(example["s1"], self.dataset, "s1", self.s1_bands, out=batch["s1"][j])
-        bands_lib.normalize(example["s2"], self.dataset, "s2", self.s2_bands, out=batch["s2"][j])
+        bands_lib.normalize(example["s1"], self.dataset, "s1", self.s1_bands, out=batch["s1"][j],
+                            stats=self.stats.get("s1"))
+        bands_lib.normalize(example["s2"], self.dataset, "s2", self.s2_bands, out=batch["s2"][j],
+                            stats=self.stats.get("s2"))
         batch["labels"][j] = np.asarray(example["labels"], np.float32)
 
 
@@ -437,6 +447,7 @@ def make_train_dataset(
     process_count: int | None = None,
     worker_count: int = 0,
     prefetch_buffer: int = 2,
+    norm_stats: NormStats | None = None,
 ) -> grain.IterDataset:
     """Infinite, shuffled, process-sharded training batches.
 
@@ -456,6 +467,8 @@ def make_train_dataset(
         app, as ``python -m mosaic_jax.main``; in a plain script or test,
         ``absl.flags.FLAGS.mark_as_parsed()`` at start-up): ValueError otherwise.
       prefetch_buffer: local batches prefetched (per worker when worker_count > 0).
+      norm_stats: per modality (mean, std) replacing the dataset's statistics
+        (`mosaic_jax.data.input_norm.norm_stats`); default: the dataset's.
 
     Returns:
       IterDataset of dicts: s1 float32 [b, H, W, c1], s2 float32 [b, H, W, c2], labels float32
@@ -468,7 +481,7 @@ def make_train_dataset(
     label_fraction = _check_fraction("label_fraction", label_fraction)
     if train_fraction == 0.0:
         raise ValueError("train_fraction must be > 0")
-    norm = _Normalizer(dataset, s1_bands, s2_bands)
+    norm = _Normalizer(dataset, s1_bands, s2_bands, norm_stats)
     n = len(source)
     if n == 0:
         raise ValueError("the source is empty")
@@ -519,17 +532,19 @@ def make_eval_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     prefetch_buffer: int = 2,
+    norm_stats: NormStats | None = None,
 ) -> grain.IterDataset:
     """One ordered pass over `source`; every example appears exactly once over all processes.
 
     Global batch k holds examples k*G .. k*G+G-1 (process p: its slice p*b .. p*b+b-1); all
     processes yield ceil(len / G) batches (static shapes for SPMD). Elements: s1, s2, labels as in
     `make_train_dataset`, `valid` bool [b] (False on padding rows, which are zeros and come
-    last) and `index` int64 [b] (example index in the source, -1 on padding).
+    last) and `index` int64 [b] (example index in the source, -1 on padding). `norm_stats` as
+    in `make_train_dataset`.
     """
     p, count = _process_info(process_index, process_count)
     b = _local_batch_size(global_batch_size, count)
-    norm = _Normalizer(dataset, s1_bands, s2_bands)
+    norm = _Normalizer(dataset, s1_bands, s2_bands, norm_stats)
     n = len(source)
     if n == 0:
         raise ValueError("the source is empty")

@@ -21,7 +21,10 @@ workdir's ``config.json`` and ``metrics_<split>.json`` (written by
 
 A method is named after the run's objective (the workdir's name when it has no config); a
 downstream run (``init_from``) after the pretraining it started from and its protocol
-("mosaic1, linear probe", "mosaic1, fine-tune"). Runs of the same dataset with the same name get
+("mosaic1, linear probe", "mosaic1, fine-tune"). A run whose towers started from weight files
+(``model.s2_init``, ...) is named after the files: "ssl4eo_s2_moco" when it trained no step (the
+probe of the imported encoder reads "ssl4eo_s2_moco, linear probe"), "mosaic1 from
+ssl4eo_s2_moco" otherwise. Runs of the same dataset with the same name get
 their workdir's name appended, and ``--names`` overrides all names. A run whose objective has no
 BCE term never trained its classifier: its AP and F1 are an untrained head's, so the comparison
 shows ``untrained`` in those columns (the CSV keeps the values and says so in

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from data_builders import cli, console, datasets
 from mosaic_jax import models
-from mosaic_jax.data import augment, bands
+from mosaic_jax.data import augment, bands, input_norm
 from mosaic_jax.export import EMBEDDER_FILE, FORMAT_VERSION, MODEL_FILE, PARAMS_FILE, timm_convnext
 from mosaic_jax.export.torchvision_resnet import RUNNING_VAR_NOTE, resnet_state_dict
 from mosaic_jax.models.towers import CONVNEXT_NAMES, RESNET_DEPTHS, encoder_num_features
@@ -65,14 +65,14 @@ def _input_spec(config: Any) -> dict[str, Any]:
     spec = {}
     for modality, setting in (("s1", d.s1_bands), ("s2", d.s2_bands)):
         names = bands.resolve_bands(setting, d.name, modality)
-        bands.band_stats(d.name, modality, names)  # ValueError for bands without statistics
-        stats = facts.band_stats[modality]  # the published values, not float32 roundings
+        # The published values (not float32 roundings), or those of data.<m>_norm.
+        mean, std, norm = input_norm.input_stats(config, modality)
         clip = facts.s1_clip_db if modality == "s1" else None
         units = ("dB (backscatter)" if modality == "s1" else
                  "L2A reflectance x 10000" if d.name == "bigearthnet_v2" else
                  "L1C reflectance x 10000")
-        spec[modality] = {"bands": list(names), "mean": [stats[b][0] for b in names],
-                          "std": [stats[b][1] for b in names], "units": units,
+        spec[modality] = {"bands": list(names), "mean": mean, "std": std, "norm": norm,
+                          "units": units,
                           "clip_db": list(clip) if clip else None,
                           "used_by_model": modality in used}
     return spec

@@ -28,11 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from mosaic_jax.export.torchvision_resnet import flatten_tree
+from mosaic_jax.export.torchvision_resnet import (
+    check_tensor_names,
+    flatten_tree,
+    torch_shape,
+    unflatten_tree,
+)
 from mosaic_jax.models.convnext import VARIANTS
 from mosaic_jax.models.towers import CONVNEXT_NAMES
 
-__all__ = ["CONV_MLP_VARIANTS", "timm_state_dict", "timm_create_model_call", "encoder_info"]
+__all__ = ["CONV_MLP_VARIANTS", "timm_state_dict", "convnext_params_from_state_dict",
+           "timm_create_model_call", "encoder_info"]
 
 # timm's convnextv2 variants whose block MLPs are 1x1 convolutions (conv_mlp=True).
 CONV_MLP_VARIANTS = frozenset({"atto", "femto", "pico", "nano"})
@@ -126,3 +132,48 @@ def encoder_info(name: str, tensors: Mapping[str, np.ndarray], *, filename: str,
         "load": "model.load_state_dict(safetensors.torch.load_file(file)); model.eval(); "
                 "features = model(x_nchw) (global average pool + LayerNorm: head.norm)",
     }
+
+
+def _ignored_timm_tensor(name: str) -> bool:
+    """Tensors an import skips: the ImageNet classifier."""
+    return name in ("head.fc.weight", "head.fc.bias")
+
+
+def convnext_params_from_state_dict(tensors: Mapping[str, Any], params_like: Mapping[str, Any],
+                                    *, architecture: str = "ConvNeXt-V2") -> dict[str, Any]:
+    """The inverse of `timm_state_dict`: a timm ``convnextv2_*`` state dict as Flax params.
+
+    Args:
+      tensors: name -> array in PyTorch layout; block MLPs as linear [out, in] or 1x1 conv
+        [out, in, 1, 1] weights (both timm layouts are accepted).
+      params_like: the encoder's subtree of a freshly initialised model (paths and shapes).
+      architecture: the encoder's name, for messages.
+
+    Returns:
+      float32 numpy params with the structure of `params_like`. ``head.fc.*`` is ignored; any
+      other missing, unexpected or differently shaped tensor raises ValueError naming it.
+    """
+    wanted: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+    for path, like in flatten_tree(params_like).items():
+        *module, leaf = path
+        wanted[f"{_module_name(module)}.{_LEAF[leaf]}"] = (path, tuple(like.shape))
+    check_tensor_names(tensors, list(wanted), ignored=_ignored_timm_tensor,
+                       architecture=architecture)
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    for name, (path, shape) in wanted.items():
+        value = np.asarray(tensors[name], dtype=np.float32)
+        if len(shape) == 2:  # Dense [in, out] <- Linear [out, in] or 1x1 conv [out, in, 1, 1]
+            need = (shape[1], shape[0])
+            if value.ndim == 4 and value.shape[2:] == (1, 1):
+                value = value[:, :, 0, 0]
+        else:
+            need = torch_shape(shape)
+        if value.shape != need:
+            raise ValueError(f"tensor {name!r} has shape {tuple(np.shape(tensors[name]))} in "
+                             f"the file, but {architecture} needs {need}")
+        if value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)
+        elif value.ndim == 2:
+            value = value.T
+        out[path] = np.ascontiguousarray(value)
+    return unflatten_tree(out)

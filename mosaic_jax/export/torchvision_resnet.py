@@ -2,11 +2,13 @@
 
 timm's ResNets use the same names, so TorchGeo and timm users load these files strictly.
 `flatten_tree` is shared with the timm ConvNeXt-V2 converter (`timm_convnext`).
+`resnet_params_from_state_dict` is the inverse (importing pretrained weights); it derives every
+name from the same table, so export and import cannot disagree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,3 +98,84 @@ def resnet_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
         out["fc.weight"] = np.ascontiguousarray(np.asarray(classifier["kernel"], np.float32).T)
         out["fc.bias"] = np.ascontiguousarray(np.asarray(classifier["bias"], np.float32))
     return out
+
+
+def unflatten_tree(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    """Inverse of `flatten_tree`: {(key, ..., leaf key): array} -> nested dicts."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def torch_shape(flax_shape: Sequence[int]) -> tuple[int, ...]:
+    """PyTorch layout of a Flax shape: conv [kh, kw, in, out] -> [out, in, kh, kw]; others as is
+    (Dense kernels are handled by their converter)."""
+    s = tuple(int(d) for d in flax_shape)
+    return (s[3], s[2], s[0], s[1]) if len(s) == 4 else s
+
+
+def check_tensor_names(tensors: Mapping[str, Any], wanted: Sequence[str], *,
+                       ignored: Callable[[str], bool], architecture: str) -> None:
+    """ValueError unless `tensors` holds exactly the names `wanted` (plus `ignored` ones).
+
+    The message names the first missing or unexpected tensor and what the mismatch suggests.
+    """
+    unexpected = [n for n in tensors if n not in set(wanted) and not ignored(n)]
+    missing = [n for n in wanted if n not in tensors]
+    if missing and unexpected:
+        raise ValueError(
+            f"the file is not a {architecture}: it lacks {len(missing)} tensor(s) the model "
+            f"needs (first: {missing[0]!r}) and has {len(unexpected)} it does not have (first: "
+            f"{unexpected[0]!r}); check the encoder name and width_multiplier of the tower")
+    if missing:
+        raise ValueError(f"the file lacks tensor {missing[0]!r} that {architecture} needs "
+                         f"({len(missing)} missing in all)")
+    if unexpected:
+        raise ValueError(f"the file has tensor {unexpected[0]!r} that {architecture} does not "
+                         f"have ({len(unexpected)} unexpected in all)")
+
+
+def _ignored_resnet_tensor(name: str) -> bool:
+    """Tensors an import skips: BN step counters and the ImageNet classifier."""
+    return name.endswith(".num_batches_tracked") or name in ("fc.weight", "fc.bias")
+
+
+def resnet_params_from_state_dict(tensors: Mapping[str, Any], params_like: Mapping[str, Any],
+                                  batch_stats_like: Mapping[str, Any], *,
+                                  architecture: str = "ResNet"
+                                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The inverse of `resnet_state_dict`: a torchvision/timm ResNet state dict as Flax variables.
+
+    Args:
+      tensors: name -> array in PyTorch layout (conv ``weight`` [out, in, kh, kw]).
+      params_like, batch_stats_like: the encoder's subtrees of a freshly initialised model (their
+        paths and shapes say which tensors are needed; their values are not used).
+      architecture: the encoder's name, for messages.
+
+    Returns:
+      (params, batch_stats) float32 numpy trees with the structure of the templates.
+      ``num_batches_tracked`` and ``fc.*`` are ignored; any other missing, unexpected or
+      differently shaped tensor raises ValueError naming it (with both shapes).
+    """
+    wanted: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {}
+    for collection, tree in (("params", params_like), ("batch_stats", batch_stats_like)):
+        for path, like in flatten_tree(tree).items():
+            *module, leaf = path
+            name = f"{_torch_module_name(module)}.{_LEAF[leaf]}"
+            wanted[name] = (collection, path, tuple(like.shape))
+    check_tensor_names(tensors, list(wanted), ignored=_ignored_resnet_tensor,
+                       architecture=architecture)
+    out: dict[str, dict[tuple[str, ...], np.ndarray]] = {"params": {}, "batch_stats": {}}
+    for name, (collection, path, shape) in wanted.items():
+        value = np.asarray(tensors[name], dtype=np.float32)
+        if value.shape != torch_shape(shape):
+            raise ValueError(f"tensor {name!r} has shape {value.shape} in the file, but "
+                             f"{architecture} needs {torch_shape(shape)}")
+        if value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)
+        out[collection][path] = np.ascontiguousarray(value)
+    return unflatten_tree(out["params"]), unflatten_tree(out["batch_stats"])

@@ -3,8 +3,9 @@
 ``python -m mosaic_jax embed --export OUT --dataset bigearthnet_v2 --split test --data_dir D
 --output emb.npz [--batch_size 256]`` reads the prepared split with the evaluation pipeline of
 training (`mosaic_jax.data.input_pipeline.make_eval_dataset`: the export's bands, normalised with
-its statistics), runs ``OUT/embedder.jax_export`` on every batch and writes one ``.npz``
-(atomically: temp file, then rename) with, for the N patches of the split in source order:
+the mean and std its ``model.json`` records), runs ``OUT/embedder.jax_export`` on every batch
+and writes one ``.npz`` (atomically: temp file, then rename) with, for the N patches of the
+split in source order:
 
 - one float32 [N, ...] array per embedder output (``embedding``, ``h_s1``, ``h_s2``,
   ``inter_s1``, ``inter_s2``, ``probs``; see the export's ``model.json``);
@@ -15,7 +16,8 @@ its statistics), runs ``OUT/embedder.jax_export`` on every batch and writes one 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +25,13 @@ from tqdm import tqdm
 from data_builders import atomic_files, cli, console
 from mosaic_jax.data import input_pipeline
 from mosaic_jax.export import load_embedder, load_model_info
+
+
+def export_norm_stats(info: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per modality (mean, std) float32 of an export's ``model.json["inputs"]``: the
+    normalisation its model was trained with (the dataset's, or a pretrained encoder's)."""
+    return {m: (np.asarray(info["inputs"][m]["mean"], np.float32),
+                np.asarray(info["inputs"][m]["std"], np.float32)) for m in ("s1", "s2")}
 
 
 def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | None = None,
@@ -55,7 +64,7 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
     ds = input_pipeline.make_eval_dataset(
         source, dataset=info["dataset"], global_batch_size=batch_size,
         s1_bands=info["inputs"]["s1"]["bands"], s2_bands=info["inputs"]["s2"]["bands"],
-        process_index=0, process_count=1)
+        process_index=0, process_count=1, norm_stats=export_norm_stats(info))
     num_batches = -(-n // batch_size)
     if max_batches > 0:
         num_batches = min(num_batches, max_batches)

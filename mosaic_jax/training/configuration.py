@@ -57,6 +57,14 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.data.demo_num_patches = 600
     c.data.demo_seed = 0
     c.data.demo_cache_dir = ""           # "": $MOSAIC_JAX_CACHE, else ~/.cache/mosaic_jax
+    # Input normalisation per modality (mosaic_jax.data.input_norm): "auto" (the preset of a
+    # tower's weight file, else the dataset's statistics), "dataset", "custom" or a preset.
+    c.data.s1_norm = "auto"
+    c.data.s2_norm = "auto"
+    c.data.s1_norm_mean = ()             # "custom": one value per band, stored units (dB, DN)
+    c.data.s1_norm_std = ()
+    c.data.s2_norm_mean = ()
+    c.data.s2_norm_std = ()
 
     # The AugmentConfig defaults (sar_std_db comes from the dataset's statistics).
     c.augment = ml_collections.ConfigDict(
@@ -78,6 +86,15 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.0
     c.model.remat = False                # recompute encoder blocks in backward: less memory
     c.model.dtype = "float32"            # compute dtype; "bfloat16" on accelerators
+    # Start towers from published weights (mosaic_jax.models.pretrained): a .safetensors or
+    # .pth file with torchvision/timm names; its input channels: a preset or band names.
+    c.model.s1_init = ""
+    c.model.s2_init = ""
+    c.model.init = ""                    # single tower
+    c.model.s1_init_bands = ""           # "": the run's own bands; "ssl4eo_s1", ...
+    c.model.s2_init_bands = ""           # "ssl4eo_s2_l1c", "imagenet_rgb" or band names
+    c.model.init_bands = ""
+    c.model.init_band_fill = "error"     # a run band the file lacks: "zeros" or "repeat" (timm)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.weights = ml_collections.ConfigDict(
@@ -228,11 +245,12 @@ def _validate_keys(config: ml_collections.ConfigDict, objective: str) -> dict[st
 
 def _validate_numbers(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
     """Counts, sizes, rates and fractions in their ranges."""
-    for key in ("batch_size", "num_train_steps", "eval_batch_size", "log_every_steps",
+    for key in ("batch_size", "eval_batch_size", "log_every_steps",
                 "keep_checkpoints", "model.proj_hidden_dim",
                 "model.proj_dim", "data.demo_num_patches"):
         _integer(key, values[key], minimum=1)
-    for key in ("eval_every_steps", "eval_max_batches", "checkpoint_every_steps",
+    for key in ("num_train_steps", "eval_every_steps", "eval_max_batches",
+                "checkpoint_every_steps",
                 "tsne_points", "data.worker_count", "data.prefetch_buffer",
                 "optimizer.warmup_steps", "loss.block_size", "seed", "data.subset_seed"):
         _integer(key, values[key], minimum=0)
@@ -307,9 +325,12 @@ def _validate_bands_and_augment(config: ml_collections.ConfigDict,
     """Bands the dataset has statistics for; augmentations `AugmentConfig` accepts."""
     for key, modality in (("data.s1_bands", "s1"), ("data.s2_bands", "s2")):
         try:
-            bands.band_stats(config.data.name, modality, values[key])
+            if _dataset_norm(config, modality):  # else a weight file's: any stored band
+                bands.band_stats(config.data.name, modality, values[key])
+            bands.resolve_bands(values[key], config.data.name, modality)
         except ValueError as e:
             _fail(key, str(e))
+    _validate_pretrained(config)
     try:
         augment.AugmentConfig(**config.augment)
     except ValueError as e:  # its messages start with the field's name
@@ -324,6 +345,21 @@ def _validate_batch_sizes(config: ml_collections.ConfigDict, device_count: int |
     if config.eval_batch_size % devices:
         _fail("eval_batch_size", f"{config.eval_batch_size} is not divisible by the "
               f"{devices} devices")
+
+
+def _dataset_norm(config: ml_collections.ConfigDict, modality: str) -> bool:
+    """Whether `modality`'s inputs are normalised with the dataset's statistics."""
+    from mosaic_jax.data import input_norm
+    return input_norm.norm_name(config, modality) == "dataset"
+
+
+def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
+    """Weight files and input normalisation (`mosaic_jax.models.pretrained.validate_init`)."""
+    from mosaic_jax.models import pretrained  # reads files; imported when validating only
+    try:
+        pretrained.validate_init(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _integer(key: str, value: Any, *, minimum: int) -> None:

@@ -36,11 +36,11 @@ from jax.sharding import PartitionSpec as P
 
 from data_builders import atomic_files, datasets
 from mosaic_jax import objectives
-from mosaic_jax.data import augment, bands
+from mosaic_jax.data import augment, input_norm
 from mosaic_jax.data.demo_data import demo_data_dir
 from mosaic_jax.evaluation.metrics import format_metrics_markdown, multilabel_metrics
 from mosaic_jax.evaluation.tsne_plot import plot_tsne
-from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables
+from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables, pretrained
 from mosaic_jax.training import checkpoints, messages
 from mosaic_jax.training import workdir as workdir_files
 from mosaic_jax.training.configuration import validate_config
@@ -136,13 +136,22 @@ def random_state(config: ml_collections.ConfigDict, *, seed: int = 0, step: int 
         rng=jnp.zeros(shapes.rng.shape, shapes.rng.dtype))
 
 
+# What the encoders of an `init_from` run were trained to see: a probe or fine-tune keeps them.
+INPUT_KEYS = ("s1_bands", "s2_bands", "s1_norm", "s2_norm", "s1_norm_mean", "s1_norm_std",
+              "s2_norm_mean", "s2_norm_std")
+
+
 def adopt_pretrained_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` whose `model` section is the one of the `init_from` run."""
+    """A copy of `config` whose `model` section, and input bands and normalisation (the
+    `INPUT_KEYS` of `data`), are those of the `init_from` run."""
     pretrained = checkpoints.load_config(config.init_from)
     config = ml_collections.ConfigDict(config.to_dict())
     for key, value in pretrained.model.items():
         if key in config.model:
             config.model[key] = value
+    for key in INPUT_KEYS:
+        if key in pretrained.data and key in config.data:
+            config.data[key] = pretrained.data[key]
     return config
 
 
@@ -170,10 +179,27 @@ def load_pretrained(state: TrainState, workdir: str) -> TrainState:
     return state.replace(params=params, batch_stats=batch_stats)
 
 
+def import_pretrained(state: TrainState, config: ml_collections.ConfigDict, workdir: str, *,
+                      verbose: bool) -> TrainState:
+    """`state` with the towers that `model.*init` names started from their weight files; the
+    chief prints what it loaded and writes it to the workdir's `IMPORTED_WEIGHTS_FILE`."""
+    if not pretrained.tower_inits(config):
+        return state
+    params, batch_stats, records = pretrained.import_weights(config, state.params,
+                                                             state.batch_stats)
+    if verbose:
+        for record in records:
+            print(pretrained.describe(record), flush=True)
+        atomic_files.write_atomic(os.path.join(workdir, pretrained.IMPORTED_WEIGHTS_FILE),
+                                  json.dumps(records, indent=1))
+    return state.replace(params=jax.tree.map(jnp.asarray, params),
+                         batch_stats=jax.tree.map(jnp.asarray, batch_stats))
+
+
 def augment_config(config: ml_collections.ConfigDict) -> augment.AugmentConfig:
-    """The `augment` section as an `AugmentConfig`, with the dataset's S1 std (dB noise is
-    drawn in dB and converted to normalised units)."""
-    _, std = bands.band_stats(config.data.name, "s1", config.data.s1_bands)
+    """The `augment` section as an `AugmentConfig`, with the S1 std of the input normalisation
+    (`data.s1_norm`; dB noise is drawn in dB and converted to normalised units)."""
+    _, std = input_norm.norm_stats(config)["s1"]
     return augment.AugmentConfig(**config.augment, sar_std_db=tuple(float(x) for x in std))
 
 
@@ -455,6 +481,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
 
     workdir = checkpoints.resolve_workdir(workdir)  # a URL (gs://bucket/runs/x) as given
     checkpoints.check_workdir_matches(workdir, config)  # before any compile
+    importing = not config.init_from and not checkpoints.checkpoint_steps(workdir)  # no resume
+    if importing:
+        pretrained.check_files(config)  # before any compile
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     d = config.data
@@ -467,15 +496,18 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
         global_batch_size=config.batch_size, seed=config.seed, s1_bands=d.s1_bands,
         s2_bands=d.s2_bands, train_fraction=d.train_fraction, label_fraction=d.label_fraction,
         subset_seed=d.subset_seed, worker_count=d.worker_count,
-        prefetch_buffer=d.prefetch_buffer)
+        prefetch_buffer=d.prefetch_buffer, norm_stats=input_norm.norm_stats(config))
     eval_ds = input_pipeline.make_eval_dataset(
         input_pipeline.open_source(d.name, d.eval_split, data_dir), dataset=d.name,
-        global_batch_size=config.eval_batch_size, s1_bands=d.s1_bands, s2_bands=d.s2_bands)
+        global_batch_size=config.eval_batch_size, s1_bands=d.s1_bands, s2_bands=d.s2_bands,
+        norm_stats=input_norm.norm_stats(config))
 
     mesh = make_mesh()
     model = create_model(config)
     tx = create_optimizer(config)
     state = init_state(config, model, tx)
+    if importing:
+        state = import_pretrained(state, config, workdir, verbose=is_chief)
     if config.init_from:
         state = load_pretrained(state, config.init_from)
         if is_chief:

@@ -93,11 +93,31 @@ def protocol_name(train_mode: str) -> str:
     return PROTOCOLS.get(train_mode, train_mode)
 
 
+def weights_name(config: Mapping[str, Any]) -> str | None:
+    """The weight files a run's towers started from (``model.s1_init``, ``s2_init``, ``init``)
+    by file name without extension, joined by " + "; None when it started from random weights.
+    """
+    model = config.get("model") or {}
+    files = [model.get(k) for k in ("s1_init", "s2_init", "init") if model.get(k)]
+    if not files:
+        return None
+    return " + ".join(os.path.splitext(os.path.basename(str(f)))[0] for f in files)
+
+
+def objective_name(config: Mapping[str, Any]) -> str | None:
+    """The objective; after imported weights, the files' names when the run trained no step
+    (their frozen features), "<objective> from <files>" otherwise."""
+    objective, weights = config.get("objective"), weights_name(config)
+    if weights is None:
+        return objective
+    return weights if config.get("num_train_steps") == 0 else f"{objective} from {weights}"
+
+
 def pretraining_name(init_from: str, pretraining: Mapping[str, Any] | None) -> str:
-    """The name of the run a downstream run started from: the objective in its config
+    """The name of the run a downstream run started from: `objective_name` of its config
     (`pretraining`, None when unreadable), else its folder name."""
-    objective = (pretraining or {}).get("objective")
-    return str(objective or os.path.basename(os.path.normpath(init_from)))
+    name = objective_name(pretraining) if pretraining else None
+    return str(name or os.path.basename(os.path.normpath(init_from)))
 
 
 def read_pretraining(config: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -120,7 +140,7 @@ def run_name(config: Mapping[str, Any], workdir: str,
     if init_from:
         protocol = protocol_name(config.get("train_mode") or "full")
         return f"{pretraining_name(init_from, pretraining)}, {protocol}"
-    return str(config.get("objective") or os.path.basename(os.path.normpath(workdir)))
+    return str(objective_name(config) or os.path.basename(os.path.normpath(workdir)))
 
 
 def classifier_trained(config: Mapping[str, Any]) -> bool:
