@@ -245,7 +245,7 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
     class_names = list(info["class_names"])
     for name in quicklook_classes or ():
         if name not in class_names:
-            raise ValueError(f"--quicklook_classes: {name!r} is not a class of the export; "
+            raise ValueError(f"--quicklook_class: {name!r} is not a class of the export; "
                              f"classes: {class_names}")
     embed = load_embedder(export_dir)  # refuses a diverged (non-finite) model
     spec = {m: info["inputs"][m] for m in ("s1", "s2")}
@@ -533,9 +533,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--labels_threshold", type=float, default=None,
                         help="also write <output>_labels.tif: 1 where probability >= this")
     parser.add_argument("--quicklook_class", action="append", default=[], metavar="NAME",
-                        help="a class of <output>.png, whole (class names hold commas: quote "
-                             "it); repeat for up to 3 (default: the 3 with the highest mean "
-                             "probability)")
+                        help="a class shown in <output>.png, its name whole (BigEarthNet "
+                             "names hold commas: quote it); repeat for one panel each "
+                             "(default: the 3 with the highest mean probability)")
     parser.add_argument("--no_quicklook", action="store_true", help="do not write the PNG")
     parser.add_argument("--grid_mismatch", choices=("resample", "error"), default="resample",
                         help="S1 not on the S2 grid: resample it onto S2's, or stop")
