@@ -502,9 +502,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--labels_threshold", type=float, default=None,
                         help="also write <output>_labels.tif: 1 where probability >= this")
     parser.add_argument("--quicklook_class", action="append", default=[], metavar="NAME",
-                        help="a class of <output>.png, whole (class names hold commas: quote "
-                             "it); repeat for up to 3 (default: the 3 with the highest mean "
-                             "probability)")
+                        help="a class shown in <output>.png, its name whole (BigEarthNet "
+                             "names hold commas: quote it); repeat for one panel each "
+                             "(default: the 3 with the highest mean probability)")
     parser.add_argument("--no_quicklook", action="store_true", help="do not write the PNG")
     parser.add_argument("--grid_mismatch", choices=("resample", "error"), default="resample",
                         help="S1 not on the S2 grid: resample it onto S2's, or stop")
