@@ -77,6 +77,12 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.0
     c.model.remat = False                # recompute encoder blocks in backward: less memory
     c.model.dtype = "float32"            # compute dtype; "bfloat16" on accelerators
+    # Two towers: how h_fused is made (README "Fusion and missing modalities").
+    c.model.fusion = "concat"            # or "cross_attention" (joint layers over both grids)
+    c.model.fusion_dim = 512             # cross-attention: token width
+    c.model.fusion_heads = 8             # cross-attention: heads (must divide fusion_dim)
+    c.model.fusion_layers = 2            # cross-attention: joint layers
+    c.model.modality_dropout = 0.0       # per-sample probability that fusion sees one modality
 
     c.loss = ml_collections.ConfigDict()
     c.loss.weights = ml_collections.ConfigDict(
@@ -161,6 +167,18 @@ def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.proj_dim = 32
     c.optimizer.learning_rate = 3e-3
     c.optimizer.warmup_steps = 10
+    return c
+
+
+def cross_attention_overrides(c: ml_collections.ConfigDict, *, demo: bool = False
+                              ) -> ml_collections.ConfigDict:
+    """Cross-attention fusion with modality dropout 0.3 (a config file's `xattn` argument); the
+    demo's tiny towers (64 features) get a 64-wide, 4-head fusion block."""
+    c.model.fusion = "cross_attention"
+    c.model.modality_dropout = 0.3
+    if demo:
+        c.model.fusion_dim = 64
+        c.model.fusion_heads = 4
     return c
 
 
@@ -277,12 +295,28 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     except ValueError as e:  # its messages start with the field's name
         _fail(f"augment.{str(e).split()[0]}", str(e))
 
+    validate_fusion(config)
     devices = jax.device_count() if device_count is None else device_count
     if config.batch_size % devices:
         _fail("batch_size", f"{config.batch_size} is not divisible by the {devices} devices")
     if config.eval_batch_size % devices:
         _fail("eval_batch_size", f"{config.eval_batch_size} is not divisible by the "
               f"{devices} devices")
+
+
+def validate_fusion(config: ml_collections.ConfigDict) -> None:
+    """The fusion and missing-modality keys of `config.model` (two towers only)."""
+    m = config.model
+    _choice("model.fusion", m.fusion, ("concat", "cross_attention"))
+    for key in ("fusion_dim", "fusion_heads", "fusion_layers"):
+        _integer(f"model.{key}", m[key], minimum=1)
+    if m.fusion_dim % m.fusion_heads:
+        _fail("model.fusion_dim", f"{m.fusion_dim} is not divisible by model.fusion_heads="
+              f"{m.fusion_heads}")
+    _number("model.modality_dropout", m.modality_dropout, minimum=0.0, maximum=1.0)
+    if m.kind != "two_tower" and (m.fusion != "concat" or m.modality_dropout):
+        key = "model.fusion" if m.fusion != "concat" else "model.modality_dropout"
+        _fail(key, "fuses the two towers of model.kind='two_tower'; a single tower has none")
 
 
 def _integer(key: str, value: Any, *, minimum: int) -> None:
