@@ -1,6 +1,7 @@
 """Land-cover probability maps of whole Sentinel-1/Sentinel-2 scenes with an exported model.
 
 ``python -m mosaic_jax predict --export OUT --s1 s1.tif --s2 s2.tif --output map.tif
+(or ``--s1`` alone, ``--s2`` alone: a map from one modality, the other treated as missing)
 [--stride 60] [--batch_size 256] [--min_valid 0.5] [--labels_threshold 0.5]`` slides windows of
 the model's patch size (``model.json["input_size"]``) over the scene every ``--stride`` pixels,
 runs them in batches through the exported embedder (`mosaic_jax.export.load_embedder`, no
@@ -173,9 +174,10 @@ def _to_cog(src_path: str, dst_path: str, resampling: str) -> None:
 
 
 def write_quicklook(map_path: str, png_path: str, classes: Sequence[str],
-                    class_names: Sequence[str]) -> None:
+                    class_names: Sequence[str], note: str = "") -> None:
     """PNG of the probability maps of `classes` (one panel each, 0..1 colour scale, nodata
-    grey), read decimated to at most `QUICKLOOK_MAX_SIDE` px a side from the local map file."""
+    grey), read decimated to at most `QUICKLOOK_MAX_SIDE` px a side from the local map file;
+    `note` (e.g. "from S1 alone (S2 missing)") becomes the figure's title."""
     from matplotlib import colormaps  # matplotlib: heavy, only for the quick-look picture
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -199,11 +201,42 @@ def write_quicklook(map_path: str, png_path: str, classes: Sequence[str],
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(image, ax=fig.axes, shrink=0.8, label="probability")
+    if note:
+        fig.suptitle(f"Class probabilities {note}", fontsize=9)
     with atomic_files.open_atomic(png_path) as f:
         fig.savefig(f, format="png")
 
 
-def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
+class AbsentModality:
+    """Stands in for the file of a missing modality (``--s1`` or ``--s2`` alone): the grid of
+    the present file ``like``, and reads that give the band means in file units (valid
+    pixels, zeros once normalised). The embedder is called with None for this modality, so its
+    values never reach the model."""
+
+    def __init__(self, like: Any, spec: dict[str, Any]):
+        self.crs, self.transform = like.crs, like.transform
+        self.width, self.height = like.width, like.height
+        self.xy = like.xy
+        self.descriptions = tuple(spec["bands"])
+        self.count = len(spec["bands"])
+        self.dtypes = ("float32",) * self.count
+        self.nodata = None
+        self.mean = np.asarray(spec["mean"], np.float32)
+
+    def read(self, indexes: list[int], window: Window) -> np.ndarray:
+        """float32 [len(indexes), window rows, window cols] of the band means."""
+        shape = (int(window.height), int(window.width))
+        return np.stack([np.full(shape, self.mean[i - 1], np.float32) for i in indexes])
+
+
+def _absent_aware(embed: Callable, s1_absent: bool, s2_absent: bool) -> Callable:
+    """``embed(s1, s2)`` that passes None for the missing modality."""
+    if not (s1_absent or s2_absent):
+        return embed
+    return lambda s1, s2: embed(None if s1_absent else s1, None if s2_absent else s2)
+
+
+def predict_scene(export_dir: str, s1_path: str | None, s2_path: str | None, output: str, *,
                   stride: int | None = None, batch_size: int = 256, min_valid: float = 0.5,
                   labels_threshold: float | None = None,
                   quicklook_classes: Sequence[str] | None = None, quicklook: bool = True,
@@ -213,7 +246,9 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
 
     Args:
       export_dir: folder written by ``python -m mosaic_jax export``.
-      s1_path, s2_path: the scene's GeoTIFFs (local or ``gs://``).
+      s1_path, s2_path: the scene's GeoTIFFs (local or ``gs://``); one may be None (a map from
+        the other modality alone, which the quick look's title says; the export must accept a
+        missing modality, see `mosaic_jax.export.load_embedder`).
       output: probability map path (``.tif``; local or ``gs://``).
       stride: window step in input pixels, 1..patch size (default: half the patch size).
       batch_size: windows per embedder call (the last batch is padded).
@@ -247,12 +282,21 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
         if name not in class_names:
             raise ValueError(f"--quicklook_classes: {name!r} is not a class of the export; "
                              f"classes: {class_names}")
+    if s1_path is None and s2_path is None:
+        raise ValueError("give --s1, --s2 or both")
+    s1_linear = s1_linear and s1_path is not None
     embed = load_embedder(export_dir)  # refuses a diverged (non-finite) model
+    embed = _absent_aware(embed, s1_path is None, s2_path is None)
     spec = {m: info["inputs"][m] for m in ("s1", "s2")}
 
     with contextlib.ExitStack() as stack:
-        s2 = stack.enter_context(rasterio.open(gdal_path(s2_path)))
-        s1_file = stack.enter_context(rasterio.open(gdal_path(s1_path)))
+        s2 = stack.enter_context(rasterio.open(gdal_path(s2_path))) if s2_path else None
+        s1_file = stack.enter_context(rasterio.open(gdal_path(s1_path))) if s1_path else None
+        s2 = s2 if s2 is not None else AbsentModality(s1_file, spec["s2"])
+        s1_file = s1_file if s1_file is not None else AbsentModality(s2, spec["s1"])
+        if s1_path is None or s2_path is None:  # the first call fails early when it cannot
+            embed(*(np.zeros((1, size, size, len(spec[m]["bands"])), np.float32)
+                    for m in ("s1", "s2")))
         s2_idx = band_indexes(s2.descriptions, s2.count, spec["s2"]["bands"], s2_path, "s2")
         s1_idx = band_indexes(s1_file.descriptions, s1_file.count, spec["s1"]["bands"],
                               s1_path, "s1")
@@ -475,8 +519,10 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
         mean = state["class_sum"] / max(state["cells"], 1)
         chosen = list(quicklook_classes or [class_names[i] for i in np.argsort(-mean)[:3]])
         png_path = _replace_suffix(output, ".png") if quicklook else None
+        alone = ("" if s1_path and s2_path else
+                 "from S1 alone (S2 missing)" if s1_path else "from S2 alone (S1 missing)")
         if png_path:
-            write_quicklook(probs_cog, png_path, chosen, class_names)
+            write_quicklook(probs_cog, png_path, chosen, class_names, note=alone)
         labels_path = None
         if labels_threshold is not None:
             labels_path = _replace_suffix(output, "_labels.tif")
@@ -488,7 +534,7 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
     host = timing["read"] + timing["prepare"] + timing["blend_write"]
     return {
         "output": output, "labels": labels_path, "quicklook": png_path,
-        "quicklook_classes": chosen, "s1_resampled": resampled,
+        "quicklook_classes": chosen, "s1_resampled": resampled, "modalities_missing": alone,
         "scene_px": [height, width], "map_px": [out_h, out_w], "patch_px": size,
         "stride_px": stride, "windows": total_windows, "windows_run": state["run"],
         "windows_skipped": total_windows - state["run"], "km2": height * width * pixel_km2,
@@ -504,8 +550,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mosaic_jax predict",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", required=True, help="folder written by mosaic_jax.export")
-    parser.add_argument("--s1", required=True, help="Sentinel-1 GeoTIFF (dB), local or gs://")
-    parser.add_argument("--s2", required=True, help="Sentinel-2 GeoTIFF, local or gs://")
+    parser.add_argument("--s1", default=None, help="Sentinel-1 GeoTIFF (dB), local or gs://; "
+                        "alone (no --s2): a map from radar alone")
+    parser.add_argument("--s2", default=None, help="Sentinel-2 GeoTIFF, local or gs://; alone "
+                        "(no --s1): a map from optical alone")
     parser.add_argument("--output", required=True, help="probability map .tif, local or gs://")
     parser.add_argument("--stride", type=int, default=None,
                         help="window step in pixels (default: half the patch size)")
@@ -524,6 +572,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the S1 file holds linear power; convert it to dB")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.s1 is None and args.s2 is None:
+        parser.error("give --s1, --s2 or both")
     classes = [c.strip() for c in args.quicklook_classes.split(",") if c.strip()]
     try:
         summary = predict_scene(
@@ -540,6 +590,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{summary['windows']} windows run ({summary['windows_skipped']} without enough "
           f"valid data), map {summary['map_px'][0]} x {summary['map_px'][1]} cells of "
           f"{summary['stride_px']} px -> {summary['output']}")
+    if summary["modalities_missing"]:
+        print(f"  the map is {summary['modalities_missing']}")
     for key in ("labels", "quicklook"):
         if summary[key]:
             print(f"  {key}: {summary[key]}")
