@@ -235,9 +235,12 @@ def test_fusion_parameter_line_counts_the_fusion_block():
     line = fusion.fusion_parameter_line(config.model, variables["params"])
     assert line.startswith(f"Fusion: cross_attention, 2 layers x 4 heads, width 64: {count:,} "
                            "parameters")
+    config, _, variables, _, _ = _two_tower("demo", modality_dropout=0.1)
+    count = sum(variables["params"][k].size for k in ("missing_s1", "missing_s2"))
+    assert fusion.fusion_parameter_line(config.model, variables["params"]).startswith(
+        f"Fusion: concat with learned missing-modality embeddings: {count:,} parameters")
     config, _, variables, _, _ = _two_tower("demo")
-    assert "concat (no parameters of its own): 0 parameters" in fusion.fusion_parameter_line(
-        config.model, variables["params"])
+    assert fusion.fusion_parameter_line(config.model, variables["params"]) is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -194,16 +194,16 @@ def fusion_parameter_count(params: Any) -> int | None:
 
 
 def fusion_parameter_line(model_config: Any, params: Any) -> str | None:
-    """The start-of-run line about the fusion block (None for a single tower), e.g.
-    ``Fusion: cross_attention, 2 layers x 8 heads, width 512: 12,345,678 parameters ...``."""
-    if model_config.kind != "two_tower":
+    """The start-of-run line about the fusion block, e.g. ``Fusion: cross_attention, 2 layers x
+    8 heads, width 512: 12,345,678 parameters (...)``; None when there is none (a single tower,
+    or plain concatenation without learned missing-modality embeddings)."""
+    count = fusion_parameter_count(params) if model_config.kind == "two_tower" else None
+    if not count:
         return None
-    m, count = model_config, fusion_parameter_count(params) or 0
+    m = model_config
     total = int(sum(np.size(x) for x in jax.tree.leaves(params)))
     what = (f"cross_attention, {m.fusion_layers} layers x {m.fusion_heads} heads, width "
-            f"{m.fusion_dim}" if m.fusion == "cross_attention" else "concat")
-    if m.fusion == "concat":
-        what += (" with learned missing-modality embeddings" if count else
-                 " (no parameters of its own)")
+            f"{m.fusion_dim}" if m.fusion == "cross_attention" else
+            "concat with learned missing-modality embeddings")
     return (f"Fusion: {what}: {count:,} parameters ({100 * count / max(total, 1):.1f} % of "
             f"{total:,}); modality dropout {m.modality_dropout}")

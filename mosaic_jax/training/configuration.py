@@ -77,12 +77,7 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.0
     c.model.remat = False                # recompute encoder blocks in backward: less memory
     c.model.dtype = "float32"            # compute dtype; "bfloat16" on accelerators
-    # Two towers: how h_fused is made (README "Fusion and missing modalities").
-    c.model.fusion = "concat"            # or "cross_attention" (joint layers over both grids)
-    c.model.fusion_dim = 512             # cross-attention: token width
-    c.model.fusion_heads = 8             # cross-attention: heads (must divide fusion_dim)
-    c.model.fusion_layers = 2            # cross-attention: joint layers
-    c.model.modality_dropout = 0.0       # per-sample probability that fusion sees one modality
+    fusion_defaults(c.model)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.weights = ml_collections.ConfigDict(
@@ -107,6 +102,16 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.optimizer.trust_coefficient = 0.001
     c.optimizer.grad_clip_norm = 0.0     # 0: no clipping
     return c
+
+
+def fusion_defaults(model: ml_collections.ConfigDict) -> None:
+    """The two-tower fusion keys of the `model` section (README "Fusion and missing
+    modalities"): how h_fused is made, and modality dropout."""
+    model.fusion = "concat"            # or "cross_attention" (joint layers over both grids)
+    model.fusion_dim = 512             # cross-attention: token width
+    model.fusion_heads = 8             # cross-attention: heads (must divide fusion_dim)
+    model.fusion_layers = 2            # cross-attention: joint layers
+    model.modality_dropout = 0.0       # per-sample probability that fusion sees one modality
 
 
 COMMON_ARGS = ("demo", "sen12ms")

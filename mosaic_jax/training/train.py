@@ -494,8 +494,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
         if is_chief:
             print(console.init_from_line(config.init_from, checkpoints.latest_step(
                 config.init_from), config.train_mode), flush=True)
-    if is_chief and fusion_parameter_line(config.model, state.params):
-        print(fusion_parameter_line(config.model, state.params), flush=True)
+    fusion_line = fusion_parameter_line(config.model, state.params)
+    if is_chief and fusion_line:
+        print(fusion_line, flush=True)
     writer = tensorboard_writer.create_writer(workdir, just_logging=not is_chief)
     progress = tensorboard_writer.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps)
