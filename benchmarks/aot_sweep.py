@@ -9,7 +9,8 @@ Runs `python -m mosaic_jax aot` (one subprocess, one compile at a time) for:
   does with `model.remat=True` and `loss.block_size`.
 
 Workloads (bf16, two towers, BigEarthNet v2 band sets): `mosaic1_r50_120` (configs/mosaic1.py
-with ResNet-50 towers, 120 px), `iai_120` and `iai_256` (configs/iai_simclr.py, ResNet-18
+with ResNet-50 towers, 120 px; `mosaic1_xattn_r50_120` the same with cross-attention fusion,
+`configs/mosaic1.py:xattn`), `iai_120` and `iai_256` (configs/iai_simclr.py, ResNet-18
 towers, three views, 120 and 256 px). Only the train step is compiled (`--noeval_step`); it is
 the larger program. The JSON (`--output`) is rewritten after every row, and rows already in it
 are not compiled again, so a sweep that was stopped resumes where it was.
@@ -43,6 +44,9 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
     "mosaic1_r50_120": ("configs/mosaic1.py", {"model.s1_encoder": "resnet50",
                                                "model.s2_encoder": "resnet50",
                                                "augment.out_size": 120}),
+    "mosaic1_xattn_r50_120": ("configs/mosaic1.py:xattn", {"model.s1_encoder": "resnet50",
+                                                           "model.s2_encoder": "resnet50",
+                                                           "augment.out_size": 120}),
     "iai_120": ("configs/iai_simclr.py", {"augment.out_size": 120}),
     "iai_256": ("configs/iai_simclr.py", {"augment.out_size": 256}),
 }

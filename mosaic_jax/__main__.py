@@ -19,6 +19,8 @@ TOOLS = {
     "export": ("mosaic_jax.export.exporter", "export a workdir's checkpoint (embedder, encoders)"),
     "embed": ("mosaic_jax.inference.embed", "embeddings and labels of a dataset split"),
     "predict": ("mosaic_jax.inference.predict", "map a whole S1/S2 scene with an export"),
+    "map_accuracy": ("mosaic_jax.inference.map_accuracy",
+                     "per-class AP of a probability map against reference labels"),
     "retrieval": ("mosaic_jax.evaluation.retrieval", "content-based image retrieval metrics"),
     "report": ("mosaic_jax.evaluation.report", "compare workdirs: tables and charts"),
 }

@@ -177,6 +177,7 @@ def test_dispatcher_help_and_unknown_tool(capsys):
     ("mosaic_jax.export.exporter", ["--workdir", "--output", "--step"]),
     ("mosaic_jax.inference.embed", ["--export", "--split", "--output"]),
     ("mosaic_jax.inference.predict", ["--export", "--s1", "--s2", "--quicklook_class"]),
+    ("mosaic_jax.inference.map_accuracy", ["--map", "--reference", "--output"]),
     ("mosaic_jax.evaluation.retrieval", ["--query_npz", "--archive_npz", "--output"]),
     ("mosaic_jax.evaluation.report", ["--workdirs", "--output"]),
     ("data_builders.prepare", ["--manual_dir", "--data_dir"]),
@@ -201,7 +202,7 @@ def test_missing_inputs_end_in_one_error_line(tmp_path, capsys):
     from launch import label_sweep, slurm
     from mosaic_jax.evaluation import report, retrieval
     from mosaic_jax.export import exporter
-    from mosaic_jax.inference import embed, predict
+    from mosaic_jax.inference import embed, map_accuracy, predict
 
     nope = str(tmp_path / "nope")
     out = str(tmp_path / "out")
@@ -213,6 +214,11 @@ def test_missing_inputs_end_in_one_error_line(tmp_path, capsys):
     line = _one_error(capsys, predict.main, ["--export", nope, "--s1", nope + ".tif", "--s2",
                                              nope + ".tif", "--output", out + ".tif"], 1)
     assert line == f"error: --s1 {nope}.tif does not exist"
+    line = _one_error(capsys, predict.main, ["--export", nope, "--output", out + ".tif"], 2)
+    assert line == "error: give --s1, --s2 or both"
+    line = _one_error(capsys, map_accuracy.main, ["--map", nope + ".tif", "--reference",
+                                                  nope + "_ref.tif"], 1)
+    assert line == f"error: --map {nope}.tif does not exist"
     line = _one_error(capsys, retrieval.main, ["--query_npz", nope + ".npz", "--archive_npz",
                                                nope + ".npz", "--output", out], 1)
     assert line == f"error: --query_npz {nope}.npz does not exist"

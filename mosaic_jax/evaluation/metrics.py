@@ -24,7 +24,13 @@ __all__ = [
     "average_precision_per_class",
     "multilabel_metrics",
     "format_metrics_markdown",
+    "missing_modality_metrics",
+    "missing_modality_summary",
 ]
+
+# Evaluation of a two-tower model with one modality missing: prefix -> what it means.
+MISSING_MODALITY = {"s1_only": "S1 only (S2 missing)", "s2_only": "S2 only (S1 missing)"}
+MISSING_MODALITY_KEYS = ("macro_ap", "micro_ap", "macro_f1", "micro_f1", "ap_per_class")
 
 # Probabilities a little outside [0, 1] (float round-off from a sigmoid) are tolerated.
 _PROB_TOL = 1e-6
@@ -182,6 +188,29 @@ def multilabel_metrics(scores: Any, labels: Any) -> dict[str, Any]:
     }
 
 
+def missing_modality_metrics(variant_scores: dict[str, Any], labels: Any) -> dict[str, Any]:
+    """``{prefix}_{key}`` metrics of the same samples scored with one modality missing.
+
+    ``variant_scores`` maps ``s1_only`` / ``s2_only`` to ``[N, C]`` probabilities (the fused
+    classifier fed one modality, the other treated as absent as in training); keys are
+    ``MISSING_MODALITY_KEYS`` of `multilabel_metrics`, e.g. ``s1_only_macro_ap``. Empty for
+    no variants (a single-tower model).
+    """
+    out: dict[str, Any] = {}
+    for prefix in MISSING_MODALITY:
+        if prefix in variant_scores:
+            full = multilabel_metrics(variant_scores[prefix], labels)
+            out.update({f"{prefix}_{k}": full[k] for k in MISSING_MODALITY_KEYS})
+    return out
+
+
+def missing_modality_summary(metrics: dict[str, Any]) -> str:
+    """``"; S1 only (S2 missing) macro AP 0.61, S2 only ..."`` for a log line ("" if none)."""
+    parts = [f"{label} macro AP {_fmt(metrics[f'{prefix}_macro_ap'])}"
+             for prefix, label in MISSING_MODALITY.items() if f"{prefix}_macro_ap" in metrics]
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     """A number for a markdown cell; None / NaN become ``n/a``."""
     if value is None:
@@ -217,6 +246,11 @@ def format_metrics_markdown(metrics: dict[str, Any], class_names: Sequence[str])
     rows = [(label, _fmt(metrics[key])) for label, key in headline if key in metrics]
     if "threshold" in metrics:
         rows.append(("decision threshold", _fmt(metrics["threshold"], 2)))
+    for prefix, label in MISSING_MODALITY.items():
+        for key, name in (("macro_ap", "macro AP"), ("micro_ap", "micro AP"),
+                          ("macro_f1", "macro F1"), ("micro_f1", "micro F1")):
+            if f"{prefix}_{key}" in metrics:
+                rows.append((f"{name}, {label}", _fmt(metrics[f"{prefix}_{key}"])))
     positives = metrics.get("positives_per_class", [None] * num_classes)
     per_class = [
         (name, _fmt(positives[i]), _fmt(metrics["ap_per_class"][i]),

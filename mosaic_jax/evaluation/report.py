@@ -6,7 +6,9 @@ workdir's ``config.json`` and ``metrics_<split>.json`` (written by
 
 - ``comparison.md`` / ``comparison.csv``: one row per method x dataset with macro/micro AP and
   macro/micro F1 (and the label-frequency chance level of macro AP); the markdown marks the best
-  value of each dataset in bold;
+  value of each dataset in bold; when a run is a two-tower model, also its macro AP with one
+  modality missing ("macro AP, S1 only (S2 missing)", "macro AP, S2 only (S1 missing)": the
+  fused classifier fed one modality, see README "Fusion and missing modalities");
 - ``hamming_loss_per_class.md``, ``brier_per_class.md``, ``ap_per_class.md``: per-class tables
   (rows: classes with their number of positives in the evaluated split, columns: methods), one
   section per dataset, and the same as ``<metric>_per_class_<dataset>.csv``;
@@ -50,11 +52,15 @@ import numpy as np
 
 from data_builders import atomic_files, cli, console, datasets
 from mosaic_jax.evaluation import label_efficiency, retrieval
+from mosaic_jax.evaluation.metrics import MISSING_MODALITY
 from mosaic_jax.evaluation.tables import markdown_table
 from mosaic_jax.training import workdir as workdir_files
 
 HEADLINE = (("macro_ap", "macro AP"), ("micro_ap", "micro AP"), ("macro_f1", "macro F1"),
             ("micro_f1", "micro F1"))
+# metrics of two-tower runs with one modality missing (mosaic_jax.evaluation.metrics)
+MISSING_MODALITY_COLUMNS = tuple(
+    (f"{prefix}_macro_ap", f"macro AP, {label}") for prefix, label in MISSING_MODALITY.items())
 PER_CLASS = (("hamming_loss_per_class", "hamming_loss", "Hamming loss (lower is better)"),
              ("brier_per_class", "brier", "Brier score (lower is better)"),
              ("ap_per_class", "ap", "average precision (higher is better)"))
@@ -197,8 +203,17 @@ def comparison_table(runs: list[Run]) -> tuple[str, str]:
         md_rows.append(cells)
     md_header = ["method", "dataset", "samples", *(label for _, label in HEADLINE),
                  "chance macro AP"]
+    missing = [(k, label) for k, label in MISSING_MODALITY_COLUMNS
+               if any(k in r.metrics for r in runs)]
+    for k, label in missing:  # two-tower runs evaluated with one modality missing
+        header.insert(-2, k)
+        md_header.append(label)
+        for r, row, md_row in zip(runs, rows, md_rows, strict=True):
+            row.insert(-2, r.metrics.get(k))
+            md_row.append(_cell(r.metrics.get(k)) if r.classifier_trained or k not in r.metrics
+                          else "untrained")
     md = markdown_table(md_header, md_rows,
-                        ["left", "left", "right", *["right"] * (len(keys) + 1)])
+                        ["left", "left", "right", *["right"] * (len(keys) + 1 + len(missing))])
     return md, _to_csv(header, rows)
 
 

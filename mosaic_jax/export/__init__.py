@@ -60,14 +60,21 @@ def load_model_info(export_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_embedder(export_dir: str | os.PathLike[str]
-                  ) -> Callable[[Any, Any], dict[str, jax.Array]]:
-    """Loads ``embedder.jax_export`` as a jitted ``embed(s1, s2) -> dict of arrays``.
+                  ) -> Callable[..., dict[str, jax.Array]]:
+    """Loads ``embedder.jax_export`` as a jitted ``embed(s1, s2, present=None) -> dict``.
 
     ``s1``: float32 [b, S, S, c1] and ``s2``: float32 [b, S, S, c2], normalised per band as
     ``model.json`` says; any batch size ``b >= 1``. Returns jax arrays ``[b, ...]`` (see
     ``model.json["embedder"]["outputs"]``). Needs only jax and numpy; it runs on the default
     jax backend, which must be one of the platforms the export was made for
     (``embed.exported.platforms``).
+
+    Missing modalities: ``embed(None, s2)`` / ``embed(s1, None)`` for a batch without S1 / S2,
+    or ``present`` bool [b, 2] (S1, S2) per sample. The embedder of a two-tower model then
+    feeds zeros in place of the absent arrays (nothing of them is read), its fused outputs come
+    from the present modality alone and the absent modality's own outputs are zeros; every
+    sample needs one modality. An export without the ``present`` input (made before it existed)
+    refuses None for a modality its model reads.
     """
     path = os.path.join(os.fspath(export_dir), EMBEDDER_FILE)
     if not os.path.isfile(path):
@@ -83,28 +90,72 @@ def load_embedder(export_dir: str | os.PathLike[str]
                          "with python -m mosaic_jax export") from e
     call = jax.jit(exported.call)
     avals = exported.in_avals
+    takes_present = len(avals) == 3
+    used = _used_modalities(export_dir)
 
-    def embed(s1: Any, s2: Any) -> dict[str, jax.Array]:
-        args = []
-        for name, x, aval in (("s1", s1, avals[0]), ("s2", s2, avals[1])):
-            x = jnp.asarray(x, dtype=aval.dtype)
-            if x.ndim != 4 or tuple(x.shape[1:]) != tuple(aval.shape[1:]) or x.shape[0] < 1:
-                want = ", ".join(map(str, aval.shape[1:]))
-                raise ValueError(f"{name} must have shape [b, {want}] with b >= 1 (normalised, "
-                                 f"NHWC); got {tuple(x.shape)}")
-            args.append(x)
-        if args[0].shape[0] != args[1].shape[0]:
-            raise ValueError(f"s1 and s2 have different batch sizes: {args[0].shape[0]} and "
-                             f"{args[1].shape[0]}")
+    def embed(s1: Any, s2: Any, present: Any = None) -> dict[str, jax.Array]:
+        arrays = _check_inputs({"s1": s1, "s2": s2}, avals)
+        b = next(x.shape[0] for x in arrays.values() if x is not None)
+        given = np.stack([np.full(b, arrays[m] is not None) for m in ("s1", "s2")], axis=-1)
+        if present is not None:
+            present = np.asarray(present, dtype=bool)
+            if present.shape != (b, 2):
+                raise ValueError(f"present must be bool [b, 2] = [{b}, 2]; got {present.shape}")
+            given &= present
+        if not given.any(axis=-1).all():
+            rows = np.flatnonzero(~given.any(axis=-1))[:10].tolist()
+            raise ValueError(f"sample(s) {rows} have neither S1 nor S2; every sample needs one")
+        args = [arrays[m] if arrays[m] is not None else jnp.zeros((b, *aval.shape[1:]), aval.dtype)
+                for m, aval in zip(("s1", "s2"), avals, strict=False)]
+        if takes_present:
+            return call(*args, jnp.asarray(given))
+        absent = [m for i, m in enumerate(("s1", "s2")) if not given[:, i].all() and m in used]
+        if absent:
+            raise ValueError(f"this export needs {' and '.join(absent).upper()}: its embedder has "
+                             "no presence input (exported before missing-modality support, or "
+                             "a single-tower model that reads it); re-export the run with "
+                             "python -m mosaic_jax export")
         return call(*args)
 
     # A diverged model must not silently produce NaN maps or embeddings: one probe sample of
     # band means (zeros after normalisation) reaches every parameter and statistic.
-    probe = call(*(jnp.zeros((1, *aval.shape[1:]), aval.dtype) for aval in avals))
+    probe = embed(*(jnp.zeros((1, *aval.shape[1:]), aval.dtype) for aval in avals[:2]))
     bad = [k for k, v in probe.items() if not np.isfinite(np.asarray(v)).all()]
     if bad:
         raise ValueError(f"the model in {os.fspath(export_dir)!r} gives non-finite {', '.join(bad)}"
                          " for a plain input: its parameters are not finite (a diverged run); "
                          "export an earlier checkpoint with python -m mosaic_jax export --step")
     embed.exported = exported  # type: ignore[attr-defined]
+    embed.takes_present = takes_present  # type: ignore[attr-defined]
     return embed
+
+
+def _used_modalities(export_dir: str | os.PathLike[str]) -> set[str]:
+    """The modalities the exported model reads (``model.json``; both when it does not say)."""
+    try:
+        inputs = load_model_info(export_dir).get("inputs", {})
+    except (FileNotFoundError, ValueError):
+        return {"s1", "s2"}
+    return {m for m in ("s1", "s2") if inputs.get(m, {}).get("used_by_model", True)}
+
+
+def _check_inputs(arrays: dict[str, Any], avals: Any) -> dict[str, jax.Array | None]:
+    """The S1/S2 inputs as arrays of the embedder's dtype (None kept); ValueError naming the
+    input for a wrong shape, both None, or different batch sizes."""
+    out: dict[str, jax.Array | None] = {}
+    for (name, x), aval in zip(arrays.items(), avals, strict=False):
+        if x is None:
+            out[name] = None
+            continue
+        x = jnp.asarray(x, dtype=aval.dtype)
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(aval.shape[1:]) or x.shape[0] < 1:
+            want = ", ".join(map(str, aval.shape[1:]))
+            raise ValueError(f"{name} must have shape [b, {want}] with b >= 1 (normalised, "
+                             f"NHWC); got {tuple(x.shape)}")
+        out[name] = x
+    sizes = [x.shape[0] for x in out.values() if x is not None]
+    if not sizes:
+        raise ValueError("s1 and s2 are both None; give at least one modality")
+    if len(set(sizes)) > 1:
+        raise ValueError(f"s1 and s2 have different batch sizes: {sizes[0]} and {sizes[1]}")
+    return out

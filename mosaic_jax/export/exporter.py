@@ -14,8 +14,11 @@ a training workdir (or ``--step``):
   normalised as in ``model.json`` (``(x - mean) / std`` per band) and ``S`` = ``input_size``
   (the dataset's patch size by default). It centre-resizes to the training resolution itself,
   exactly like the evaluation of the training program, and has the parameters baked in: the
-  batch size ``b`` is symbolic and only jax is needed to run it (`load_embedder`). Both inputs
-  are always required; a single-tower model ignores the modality it was not trained on.
+  batch size ``b`` is symbolic and only jax is needed to run it (`load_embedder`). A two-tower
+  embedder takes a third input ``present`` bool [b, 2] (S1, S2): an absent modality's array is
+  replaced by zeros before the model sees it, the fused outputs come from the present one alone
+  and that modality's own outputs are zeros (`load_embedder`'s ``embed(None, s2)``). A
+  single-tower model ignores the modality it was not trained on.
 - for ResNet encoders, ``OUT/encoder_s1.safetensors`` and ``OUT/encoder_s2.safetensors`` (single
   tower: ``OUT/encoder.safetensors``) with torchvision names and layouts (see
   `resnet_state_dict`), loadable by PyTorch / TorchGeo users, e.g.::
@@ -92,54 +95,93 @@ def _encoder_entries(config: Any, names: Any = None) -> dict[str, tuple[str, str
 
 
 def make_embed_fn(config: Any, variables: Mapping[str, Any], input_size: int
-                  ) -> tuple[Callable[[jax.Array, jax.Array], dict[str, jax.Array]],
-                             dict[str, str]]:
+                  ) -> tuple[Callable[..., dict[str, jax.Array]], dict[str, str]]:
     """The function the embedder exports, and a description of each of its outputs.
 
     ``fn(s1 [b, S, S, c1], s2 [b, S, S, c2])`` (normalised, ``S = input_size``) centre-resizes
     both to ``config.augment.out_size`` and applies the model in eval mode with ``variables``
-    closed over (so they become constants when traced).
+    closed over (so they become constants when traced). A two-tower model's function also takes
+    ``present`` bool [b, 2] (S1, S2): see `missing_modality_inputs`.
     """
     model = models.create_model(config)
     size = int(config.augment.out_size)
     two = config.model.kind == "two_tower"
     if two:
-        described = {"embedding": "fused encoder features h_fused = [h_s1, h_s2] (S1 first)",
+        fused = ("fused encoder features h_fused = [h_s1, h_s2] (S1 first)"
+                 if config.model.get("fusion", "concat") == "concat" else
+                 "fused features h_fused: pooled joint tokens of the cross-attention fusion")
+        described = {"embedding": fused,
                      "h_s1": "S1 encoder features (global average pool)",
                      "h_s2": "S2 encoder features (global average pool)",
                      "inter_s1": "S1 inter-modal projection (the space the inter-modal term "
                                  "aligns with inter_s2; cross-modal retrieval)",
                      "inter_s2": "S2 inter-modal projection (aligned with inter_s1)",
                      "probs": "sigmoid of the classifier logits, one per class"}
+        described = {k: v + ABSENT_NOTE[k[-2:] if k[-2:] in ("s1", "s2") else "fused"]
+                     for k, v in described.items()}
     else:
         described = {"embedding": f"encoder features h of the {config.model.inputs} input",
                      "probs": "sigmoid of the classifier logits, one per class"}
 
-    def fn(s1: jax.Array, s2: jax.Array) -> dict[str, jax.Array]:
+    def fn(s1: jax.Array, s2: jax.Array, present: jax.Array | None = None
+           ) -> dict[str, jax.Array]:
         if s1.shape[1:3] != (input_size, input_size) or s2.shape[1:3] != s1.shape[1:3]:
             raise ValueError(f"inputs must be {input_size} x {input_size} pixels")
+        if two and present is not None:
+            s1, s2 = missing_modality_inputs(s1, s2, present)
         s1 = augment.center_resize(s1, size)
         s2 = augment.center_resize(s2, size)
-        out, _ = models.apply_model(model, variables, config, s1, s2, train=False)
+        kw = {"present": present} if two and present is not None else {}
+        out, _ = models.apply_model(model, variables, config, s1, s2, train=False, **kw)
         probs = jax.nn.sigmoid(out["logits"].astype(jnp.float32))
         if two:
-            return {"embedding": out["h_fused"], "h_s1": out["h_s1"], "h_s2": out["h_s2"],
-                    "inter_s1": out["inter_s1"], "inter_s2": out["inter_s2"], "probs": probs}
+            result = {"embedding": out["h_fused"], "h_s1": out["h_s1"], "h_s2": out["h_s2"],
+                      "inter_s1": out["inter_s1"], "inter_s2": out["inter_s2"], "probs": probs}
+            return result if present is None else zero_absent_outputs(result, present)
         return {"embedding": out["h"], "probs": probs}
 
     return fn, described
 
 
+# What the embedder's outputs are when a modality is absent (model.json's descriptions).
+ABSENT_NOTE = {"s1": "; zeros for samples without S1", "s2": "; zeros for samples without S2",
+               "fused": "; from the present modality alone when one is absent (present input)"}
+
+
+def missing_modality_inputs(s1: jax.Array, s2: jax.Array, present: jax.Array
+                            ) -> tuple[jax.Array, jax.Array]:
+    """Zeros (the band means) in place of each absent modality's sample (``present`` bool
+    [b, 2]), selected with `jnp.where` so that nothing of the absent array (NaN included)
+    reaches the encoders."""
+    zero = jnp.zeros((), s1.dtype)
+    return (jnp.where(present[:, 0, None, None, None], s1, zero),
+            jnp.where(present[:, 1, None, None, None], s2, zero))
+
+
+def zero_absent_outputs(out: dict[str, jax.Array], present: jax.Array) -> dict[str, jax.Array]:
+    """The per-modality outputs (``*_s1``, ``*_s2``) set to zero where that modality is absent."""
+    def select(key: str, value: jax.Array) -> jax.Array:
+        col = {"s1": 0, "s2": 1}.get(key[-2:])
+        if col is None:
+            return value
+        return jnp.where(present[:, col, None], value, jnp.zeros((), value.dtype))
+
+    return {k: select(k, v) for k, v in out.items()}
+
+
 def export_embedder(config: Any, variables: Mapping[str, Any], input_size: int,
                     platforms: Sequence[str] = ("cpu", "cuda", "tpu")
                     ) -> tuple[jax.export.Exported, dict[str, str]]:
-    """``jax.export`` of `make_embed_fn` with a symbolic batch size ``b``."""
+    """``jax.export`` of `make_embed_fn` with a symbolic batch size ``b`` (two towers: with the
+    ``present`` bool [b, 2] input)."""
     platforms = check_platforms(platforms)
     fn, described = make_embed_fn(config, variables, input_size)
     (_, _, c1), (_, _, c2) = models.input_shapes(config)
     (b,) = jax.export.symbolic_shape("b")
     args = (jax.ShapeDtypeStruct((b, input_size, input_size, c1), jnp.float32),
             jax.ShapeDtypeStruct((b, input_size, input_size, c2), jnp.float32))
+    if config.model.kind == "two_tower":
+        args += (jax.ShapeDtypeStruct((b, 2), jnp.bool_),)
     exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*args)
     return exported, described
 
@@ -296,6 +338,7 @@ def _model_info(run: checkpoints.RestoredRun, size: int, inputs: dict[str, Any],
     config = run.config
     d, m = config.data, config.model
     facts = datasets.get(d.name)
+    present_arg = ["present"] if m.kind == "two_tower" else []  # `missing_modality_inputs`
     return {
         "format_version": FORMAT_VERSION,
         "source": {"workdir": run.workdir, "step": run.step},
@@ -314,9 +357,10 @@ def _model_info(run: checkpoints.RestoredRun, size: int, inputs: dict[str, Any],
         "resize": "central square crop of the full patch, bilinear resize to "
                   "model_input_size (mosaic_jax.data.augment.center_resize); done inside the "
                   "embedder",
-        "embedder": {"file": EMBEDDER_FILE, "args": ["s1", "s2"],
+        "embedder": {"file": EMBEDDER_FILE, "args": ["s1", "s2", *present_arg],
                      "arg_shapes": [["b", size, size, len(inputs["s1"]["bands"])],
-                                    ["b", size, size, len(inputs["s2"]["bands"])]],
+                                    ["b", size, size, len(inputs["s2"]["bands"])],
+                                    *(["b", 2] for _ in present_arg)],
                      "outputs": outputs, "platforms": list(exported.platforms),
                      "jax_version": jax.__version__,
                      "loader": "mosaic_jax.export.load_embedder(export_dir)"},

@@ -11,6 +11,10 @@ split in source order:
   ``inter_s1``, ``inter_s2``, ``probs``; see the export's ``model.json``);
 - ``labels`` bool [N, C], ``index`` int64 [N] (position in the split), ``patch_id`` str [N]
   (unless ``--no_patch_ids``) and ``class_names`` str [C].
+
+``--only s1`` (or ``s2``) embeds with that modality alone, the other treated as missing
+(`mosaic_jax.export.load_embedder`'s ``embed(s1, None)``): the fused ``embedding`` and ``probs``
+come from S1 alone and the S2 outputs are zeros.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def export_norm_stats(info: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np
 
 def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | None = None,
                 batch_size: int = 256, patch_ids: bool = True, max_batches: int = 0,
-                progress: bool = True) -> dict[str, np.ndarray]:
+                progress: bool = True, only: str | None = None) -> dict[str, np.ndarray]:
     """Embeds every patch of ``split``; returns the arrays `main` writes to the npz.
 
     Args:
@@ -49,6 +53,7 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
       patch_ids: also return ``patch_id`` (reads the split's ids once more).
       max_batches: > 0 stops after that many batches (quick looks; N is then smaller).
       progress: show a tqdm progress bar on stderr.
+      only: "s1" or "s2": embed with that modality alone (the other one missing).
     """
     info = load_model_info(export_dir)
     name = dataset or info["dataset"]
@@ -58,6 +63,8 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
                          f"{base!r}: its bands and normalisation are those of {info['dataset']}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if only not in (None, "s1", "s2"):
+        raise ValueError(f"only must be 's1', 's2' or None, got {only!r}")
     embed = load_embedder(export_dir)
     source = input_pipeline.open_source(name, split, os.path.expanduser(data_dir))
     n = len(source)
@@ -78,7 +85,7 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
             raise ValueError(f"the export expects {size} x {size} patches, {name} gives "
                              f"{batch['s1'].shape[1]} x {batch['s1'].shape[2]}; re-export with "
                              f"--input_size={batch['s1'].shape[1]}")
-        out = embed(batch["s1"], batch["s2"])
+        out = embed(None if only == "s2" else batch["s1"], None if only == "s1" else batch["s2"])
         valid = np.asarray(batch["valid"])
         for key, value in out.items():
             parts.setdefault(key, []).append(np.asarray(value)[valid])
@@ -105,13 +112,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max_batches", type=int, default=0,
                         help="stop after this many batches (0: the whole split)")
     parser.add_argument("--no_patch_ids", action="store_true", help="do not store patch ids")
+    parser.add_argument("--only", choices=("s1", "s2"), default=None,
+                        help="embed with this modality alone, the other one treated as missing")
     args = parser.parse_args(argv)
 
     def work() -> dict[str, np.ndarray]:
         cli.check_output(args.output)
         arrays = embed_split(args.export, split=args.split, data_dir=args.data_dir,
                              dataset=args.dataset, batch_size=args.batch_size,
-                             patch_ids=not args.no_patch_ids, max_batches=args.max_batches)
+                             patch_ids=not args.no_patch_ids, max_batches=args.max_batches,
+                             only=args.only)
         with atomic_files.open_atomic(args.output) as f:
             np.savez(f, **arrays)
         return arrays

@@ -1,6 +1,6 @@
 """A probability map against the truth: per-class average precision (AP) of a scene map's cells.
 
-``python -m mosaic_jax.inference.map_accuracy --map maps/area.tif --reference
+``python -m mosaic_jax map_accuracy --map maps/area.tif --reference
 scenes/labels.tif [--output ap.json]`` (or ``predict --reference``) compares a map written by
 `mosaic_jax.inference.predict` with a reference label raster on the scene's grid, such as the
 one `data_builders.fake_scene` writes beside its synthetic scene (format:
@@ -16,7 +16,6 @@ has, left out of the mean). Memory: the reference raster and one class's mask at
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -24,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from data_builders import reference_labels
+from data_builders import atomic_files, cli, reference_labels
 from mosaic_jax.evaluation.metrics import average_precision_per_class
+from mosaic_jax.evaluation.tables import table_lines
 
 
 def reference_cells(classes: np.ndarray, stride: int, num_classes: int,
@@ -112,32 +112,34 @@ def format_ap_table(result: dict[str, Any]) -> str:
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"
 
-    lines = ["| class | cells with it | AP | chance AP |", "|---|---:|---:|---:|"]
-    for name, pos, ap, chance in zip(result["class_names"], result["positive_cells"],
-                                     result["ap"], result["chance_ap"], strict=True):
-        lines.append(f"| {name} | {'-' if pos is None else pos} | {fmt(ap)} | {fmt(chance)} |")
-    lines.append(f"| **mean over classes with cells** | {result['cells']} cells | "
-                 f"{fmt(result['macro_ap'])} | {fmt(result['chance_macro_ap'])} |")
-    return "\n".join(lines)
+    rows = [(name, "-" if pos is None else pos, fmt(ap), fmt(chance))
+            for name, pos, ap, chance in zip(result["class_names"], result["positive_cells"],
+                                             result["ap"], result["chance_ap"], strict=True)]
+    rows.append(("**mean over classes with cells**", f"{result['cells']} cells",
+                 fmt(result["macro_ap"]), fmt(result["chance_macro_ap"])))
+    return "\n".join(table_lines(("class", "cells with it", "AP", "chance AP"), rows,
+                                  ("left", "right", "right", "right")))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mosaic_jax.inference.map_accuracy",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.new_parser("python -m mosaic_jax map_accuracy", __doc__)
     parser.add_argument("--map", required=True, help="probability map written by predict")
     parser.add_argument("--reference", required=True,
                         help="reference class-index GeoTIFF on the scene's grid")
     parser.add_argument("--output", default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
-    try:
-        result = evaluate_map(args.map, args.reference)
-    except (OSError, ValueError) as e:  # rasterio's "no such file" is an OSError
-        parser.exit(2, f"error: {e}\n")
-    print(format_ap_table(result))
-    if args.output:
-        from data_builders import atomic_files
 
-        atomic_files.write_atomic(args.output, json.dumps(result, indent=1))
+    def work() -> dict[str, Any]:
+        cli.check_input(args.map, "--map")
+        cli.check_input(args.reference, "--reference")
+        if args.output:
+            cli.check_output(args.output)
+        result = evaluate_map(args.map, args.reference)
+        if args.output:
+            atomic_files.write_atomic(args.output, json.dumps(result, indent=1))
+        return result
+
+    print(format_ap_table(cli.run(work, argv, paths=[args.output] if args.output else [])))
 
 
 if __name__ == "__main__":

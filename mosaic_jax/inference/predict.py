@@ -1,6 +1,7 @@
 """Land-cover probability maps of whole Sentinel-1/Sentinel-2 scenes with an exported model.
 
 ``python -m mosaic_jax predict --export OUT --s1 s1.tif --s2 s2.tif --output map.tif
+(or ``--s1`` alone, ``--s2`` alone: a map from one modality, the other treated as missing)
 [--stride 60] [--batch_size 256] [--min_valid 0.5] [--labels_threshold 0.5]
 [--reference labels.tif]`` slides windows of the model's patch size (``model.json["input_size"]``)
 over the scene every ``--stride`` pixels, runs them in batches through the exported embedder
@@ -63,7 +64,7 @@ from mosaic_jax.inference import input_units, map_accuracy, scene_windows
 from mosaic_jax.inference.input_units import s1_units
 from mosaic_jax.inference.map_writer import MapWriter, check_outputs_spare_inputs, output_paths
 from mosaic_jax.inference.quicklook import title_lines, write_quicklook
-from mosaic_jax.inference.scene_reader import RowBand, SceneReader
+from mosaic_jax.inference.scene_reader import AbsentModality, RowBand, SceneReader
 
 
 def gdal_path(path: str | os.PathLike[str]) -> str:
@@ -177,14 +178,17 @@ def _check_s1_units(s1: Any, bands: list[int], path: str, s1_linear: bool) -> No
                          f"({1 - share:.0%} of the sampled values are negative)")
 
 
-def open_inputs(stack: contextlib.ExitStack, spec: dict[str, Any], s1_path: str, s2_path: str,
-                *, grid_mismatch: str = "resample", s1_linear: bool = False,
+def open_inputs(stack: contextlib.ExitStack, spec: dict[str, Any], s1_path: str | None,
+                s2_path: str | None, *, grid_mismatch: str = "resample", s1_linear: bool = False,
                 log: Callable[[str], None] = print) -> SceneInputs:
-    """Opens both files (closed with `stack`), finds the model's bands, puts S1 on the S2 grid
-    and checks both modalities' units against ``spec`` (``model.json["inputs"]``) on a sample
-    of rows: ValueError naming the file otherwise."""
-    s2 = stack.enter_context(rasterio.open(gdal_path(s2_path)))
-    s1_file = stack.enter_context(rasterio.open(gdal_path(s1_path)))
+    """Opens the files (closed with `stack`), finds the model's bands, puts S1 on the S2 grid
+    and checks the modalities' units against ``spec`` (``model.json["inputs"]``) on a sample
+    of rows: ValueError naming the file otherwise. A modality without a path is an
+    `AbsentModality` on the grid of the other one."""
+    s2 = stack.enter_context(rasterio.open(gdal_path(s2_path))) if s2_path else None
+    s1_file = stack.enter_context(rasterio.open(gdal_path(s1_path))) if s1_path else None
+    s2 = s2 if s2 is not None else AbsentModality(s1_file, spec["s2"])
+    s1_file = s1_file if s1_file is not None else AbsentModality(s2, spec["s1"])
     s2_idx = band_indexes(s2.descriptions, s2.count, spec["s2"]["bands"], s2_path, "s2")
     s1_idx = band_indexes(s1_file.descriptions, s1_file.count, spec["s1"]["bands"],
                           s1_path, "s1")
@@ -200,9 +204,13 @@ def open_inputs(stack: contextlib.ExitStack, spec: dict[str, Any], s1_path: str,
             s1_file, crs=s2.crs, transform=s2.transform, width=s2.width, height=s2.height,
             resampling=Resampling.bilinear, nodata=np.nan if float_s1 else s1_file.nodata))
         log(text + ": resampling S1 onto the S2 grid (bilinear, WarpedVRT)")
-    _check_s1_units(s1, s1_idx, s1_path, s1_linear)
-    factor = input_units.s2_scale(_sample_rows(s2, s2_idx), spec["s2"], s2_path,
-                                  is_float=np.dtype(s2.dtypes[0]).kind == "f", nodata=s2.nodata)
+    if s1_path:
+        _check_s1_units(s1, s1_idx, s1_path, s1_linear)
+    factor = 1.0
+    if s2_path:
+        factor = input_units.s2_scale(_sample_rows(s2, s2_idx), spec["s2"], s2_path,
+                                      is_float=np.dtype(s2.dtypes[0]).kind == "f",
+                                      nodata=s2.nodata)
     if factor != 1.0:
         log(input_units.describe_scale(s2_path, factor, spec["s2"]["units"]))
     return SceneInputs(s1, s2, s1_idx, s2_idx, resampled, factor)
@@ -377,12 +385,20 @@ def _check_files(export_dir: str, info: dict[str, Any], inputs: dict[str, str | 
     check_outputs_spare_inputs({k: v for k, v in inputs.items() if v}, output_paths(output))
 
 
+def _absent_aware(embed: Callable[..., Any], s1_absent: bool, s2_absent: bool
+                  ) -> Callable[..., Any]:
+    """``embed(s1, s2)`` that passes None for the missing modality."""
+    if not (s1_absent or s2_absent):
+        return embed
+    return lambda s1, s2: embed(None if s1_absent else s1, None if s2_absent else s2)
+
+
 def _export_name(export_dir: str, info: dict[str, Any]) -> str:
     name = os.path.basename(os.path.normpath(export_dir))
     return f"{name} ({info.get('objective', '?')}, {info.get('dataset', '?')})"
 
 
-def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
+def predict_scene(export_dir: str, s1_path: str | None, s2_path: str | None, output: str, *,
                   stride: int | None = None, batch_size: int = 256, min_valid: float = 0.5,
                   labels_threshold: float | None = None,
                   quicklook_classes: Sequence[str] | None = None, quicklook: bool = True,
@@ -393,7 +409,9 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
 
     Args:
       export_dir: folder written by ``python -m mosaic_jax export``.
-      s1_path, s2_path: the scene's GeoTIFFs (local or ``gs://``).
+      s1_path, s2_path: the scene's GeoTIFFs (local or ``gs://``); one may be None (a map from
+        the other modality alone, which the quick look's title says; the export must accept a
+        missing modality, see `mosaic_jax.export.load_embedder`).
       output: probability map path (``.tif``; local or ``gs://``); none of its files may be an
         input.
       stride: window step in input pixels, 1..patch size (default: half the patch size).
@@ -419,16 +437,27 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
     class_names = list(info["class_names"])
     check_arguments(size, stride, batch_size, min_valid, labels_threshold, grid_mismatch,
                     class_names, quicklook_classes)
+    if s1_path is None and s2_path is None:
+        raise ValueError("give --s1, --s2 or both")
+    s1_linear = s1_linear and s1_path is not None
     _check_files(export_dir, info, {"--s1": s1_path, "--s2": s2_path, "--reference": reference},
                  output)
     embed = load_embedder(export_dir)  # refuses a diverged (non-finite) model
+    embed = _absent_aware(embed, s1_path is None, s2_path is None)
     spec = {m: info["inputs"][m] for m in ("s1", "s2")}
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+    alone = ("" if s1_path and s2_path else
+             "from S1 alone (S2 missing)" if s1_path else "from S2 alone (S1 missing)")
     with contextlib.ExitStack() as stack:
+        if alone:  # an export that cannot take a missing modality fails here, before the work
+            embed(*(np.zeros((1, size, size, len(spec[m]["bands"])), np.float32)
+                    for m in ("s1", "s2")))
         scene = open_inputs(stack, spec, s1_path, s2_path, grid_mismatch=grid_mismatch,
                             s1_linear=s1_linear, log=log)
         height, width = scene.s2.height, scene.s2.width
-        grid = WindowGrid.of_scene(height, width, size, stride, name=f"S2 scene {s2_path}")
+        grid = WindowGrid.of_scene(height, width, size, stride,
+                                   name=f"S2 scene {s2_path}" if s2_path else
+                                   f"S1 scene {s1_path}")
         total = len(grid.rows) * len(grid.cols)
         profile = dict(driver="GTiff", width=grid.out_w, height=grid.out_h, crs=scene.s2.crs,
                        transform=scene.s2.transform @ scene.s2.transform.scale(stride, stride))
@@ -440,7 +469,8 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
         t = time.perf_counter()
         mean = writer.mean_probability()
         chosen = list(quicklook_classes or [class_names[i] for i in np.argsort(-mean)[:3]])
-        title = title_lines(f"{os.path.basename(s2_path)} + {os.path.basename(s1_path)}",
+        files = " + ".join(os.path.basename(p) for p in (s2_path, s1_path) if p)
+        title = title_lines(files + (f" ({alone})" if alone else ""),
                             _export_name(export_dir, info), quicklook_note)
         paths = writer.finish(functools.partial(
             write_quicklook, classes=chosen, class_names=class_names, title=title,
@@ -451,7 +481,7 @@ def predict_scene(export_dir: str, s1_path: str, s2_path: str, output: str, *,
     summary = {
         "output": output, "labels": paths["labels"], "quicklook": paths["quicklook"],
         "run_id": run_id, "quicklook_classes": chosen, "s1_resampled": scene.s1_resampled,
-        "s2_scale": scene.s2_scale, "scene_px": [height, width],
+        "modalities_missing": alone, "s2_scale": scene.s2_scale, "scene_px": [height, width],
         "map_px": [grid.out_h, grid.out_w], "patch_px": size, "stride_px": stride,
         "windows": total, "windows_run": pipeline.windows_run,
         "windows_skipped": total - pipeline.windows_run, "km2": height * width * pixel_km2,
@@ -491,8 +521,10 @@ def _check_raster(path: str, flag: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.new_parser("python -m mosaic_jax predict", __doc__)
     parser.add_argument("--export", required=True, help="folder written by mosaic_jax.export")
-    parser.add_argument("--s1", required=True, help="Sentinel-1 GeoTIFF (dB), local or gs://")
-    parser.add_argument("--s2", required=True, help="Sentinel-2 GeoTIFF, local or gs://")
+    parser.add_argument("--s1", default=None, help="Sentinel-1 GeoTIFF (dB), local or gs://; "
+                        "alone (no --s2): a map from radar alone")
+    parser.add_argument("--s2", default=None, help="Sentinel-2 GeoTIFF, local or gs://; alone "
+                        "(no --s1): a map from optical alone")
     parser.add_argument("--output", required=True, help="probability map .tif, local or gs://")
     parser.add_argument("--stride", type=int, default=None,
                         help="window step in pixels (default: half the patch size)")
@@ -518,8 +550,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     classes = [c.strip() for c in args.quicklook_class if c.strip()]
 
     def work() -> dict[str, Any]:
+        if args.s1 is None and args.s2 is None:
+            raise cli.UsageError("give --s1, --s2 or both")
         for flag, path in (("--s1", args.s1), ("--s2", args.s2)):
-            _check_raster(path, flag)
+            if path is not None:
+                _check_raster(path, flag)
         cli.check_output(args.output)
         return predict_scene(
             args.export, args.s1, args.s2, args.output, stride=args.stride,
@@ -536,6 +571,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{summary['windows']} windows run ({summary['windows_skipped']} without enough "
           f"valid data), map {summary['map_px'][0]} x {summary['map_px'][1]} cells of "
           f"{summary['stride_px']} px -> {summary['output']}")
+    if summary["modalities_missing"]:
+        print(f"  the map is {summary['modalities_missing']}")
     for key in ("labels", "quicklook"):
         if summary[key]:
             print(f"  {key}: {summary[key]}")

@@ -22,6 +22,29 @@ from mosaic_jax.inference import scene_windows
 from mosaic_jax.inference.input_units import to_db
 
 
+class AbsentModality:
+    """Stands in for the file of a missing modality (``predict --s1`` or ``--s2`` alone): the
+    grid of the present file ``like``, and reads that give the band means of ``spec``
+    (``model.json["inputs"][modality]``) in file units, so its pixels count as valid and are
+    zeros once normalised. The embedder is called with None for this modality, so these values
+    never reach the model."""
+
+    def __init__(self, like: Any, spec: dict[str, Any]):
+        self.crs, self.transform = like.crs, like.transform
+        self.width, self.height = like.width, like.height
+        self.xy = like.xy
+        self.descriptions = tuple(spec["bands"])
+        self.count = len(spec["bands"])
+        self.dtypes = ("float32",) * self.count
+        self.nodata = None
+        self.mean = np.asarray(spec["mean"], np.float32)
+
+    def read(self, indexes: Sequence[int], window: Window) -> np.ndarray:
+        """float32 [len(indexes), window rows, window cols] of the band means."""
+        shape = (int(window.height), int(window.width))
+        return np.stack([np.full(shape, self.mean[i - 1], np.float32) for i in indexes])
+
+
 @dataclasses.dataclass(frozen=True)
 class RowBand:
     """Rows ``top .. top + size`` of the scene: ``s1`` float32 [size, W, c1] dB, ``s2`` float32

@@ -112,7 +112,9 @@ class ConvNeXtV2(nn.Module):
     ``"dropout"`` rng when training with a positive rate). ``remat`` recomputes each block's
     activations in the backward pass instead of keeping them (less memory, same values).
 
-    The feature map before pooling is sown as ``intermediates/feature_map``.
+    The feature map before pooling is sown as ``intermediates/feature_map``; with
+    ``return_feature_map`` the call returns ``(pooled [B, dims[-1]], feature map [B, h, w,
+    dims[-1]] in dtype)`` (the tokens of cross-attention fusion).
     """
 
     depths: tuple[int, ...] = (3, 3, 9, 3)
@@ -120,6 +122,7 @@ class ConvNeXtV2(nn.Module):
     dtype: Dtype = jnp.float32
     drop_path_rate: float = 0.0
     remat: bool = False
+    return_feature_map: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -161,8 +164,10 @@ class ConvNeXtV2(nn.Module):
                 k += 1
 
         self.sow("intermediates", "feature_map", x)
+        tokens = x
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")(x)
+        x = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")(x)
+        return (x, tokens) if self.return_feature_map else x
 
     @property
     def num_features(self) -> int:

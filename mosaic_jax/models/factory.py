@@ -33,8 +33,17 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
                   dtype=jnp.dtype(m.dtype), bn_axis_name=DATA_AXIS if m.sync_bn else None,
                   bn_momentum=m.bn_momentum, drop_path_rate=m.drop_path_rate, remat=m.remat)
     if m.kind == "two_tower":
-        return TwoTower(s1_encoder=m.s1_encoder, s2_encoder=m.s2_encoder, **common)
+        return TwoTower(s1_encoder=m.s1_encoder, s2_encoder=m.s2_encoder, **common,
+                        **fusion_fields(m))
     return SingleTower(encoder=m.encoder, **common)
+
+
+def fusion_fields(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `TwoTower` fusion and missing-modality fields of a config's `model` section (configs
+    written before these keys existed: concat fusion, no modality dropout)."""
+    return dict(fusion=m.get("fusion", "concat"), fusion_dim=m.get("fusion_dim", 512),
+                fusion_heads=m.get("fusion_heads", 8), fusion_layers=m.get("fusion_layers", 2),
+                modality_dropout=m.get("modality_dropout", 0.0))
 
 
 def input_shapes(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -60,19 +69,23 @@ def model_inputs(config: ml_collections.ConfigDict, s1: jax.Array,
 
 def apply_model(model: nn.Module, variables: Any, config: ml_collections.ConfigDict,
                 s1: jax.Array, s2: jax.Array, *, train: bool,
-                rng: jax.Array | None = None) -> tuple[dict[str, jax.Array], Any]:
+                rng: jax.Array | None = None, **two_tower: Any
+                ) -> tuple[dict[str, jax.Array], Any]:
     """Applies the model to an S1/S2 batch; returns (outputs dict, new batch_stats or None).
 
     With `train`, BatchNorm uses batch statistics and returns its updated running averages, and
-    `rng` (if given) drives dropout / drop-path; otherwise inference mode, batch_stats None.
+    `rng` (if given) drives dropout / drop-path / modality dropout; otherwise inference mode,
+    batch_stats None. `two_tower` keywords (`present` [B, 2], `missing_variants`) go to a
+    `TwoTower` model and are ignored by a single tower.
     """
     args = model_inputs(config, s1, s2)
+    kwargs = two_tower if config.model.kind == "two_tower" else {}
     if train:
         rngs = {"dropout": rng} if rng is not None else {}
         out, updates = model.apply(variables, *args, train=True, mutable=["batch_stats"],
-                                   rngs=rngs)
+                                   rngs=rngs, **kwargs)
         return out, updates["batch_stats"]
-    return model.apply(variables, *args, train=False), None
+    return model.apply(variables, *args, train=False, **kwargs), None
 
 
 def init_variables(config: ml_collections.ConfigDict, model: nn.Module, *,

@@ -153,7 +153,8 @@ class ResNet(nn.Module):
             parameter layout.
 
     The feature map before pooling is sown as ``intermediates/feature_map`` (only kept when the
-    ``intermediates`` collection is mutable).
+    ``intermediates`` collection is mutable); with ``return_feature_map`` the call returns
+    ``(pooled [B, F], feature map [B, h, w, F] in dtype)`` (the tokens of cross-attention fusion).
     """
 
     depth: int = 18
@@ -163,6 +164,7 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     remat: bool = False
+    return_feature_map: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -193,7 +195,8 @@ class ResNet(nn.Module):
                 )(x, train)
 
         self.sow("intermediates", "feature_map", x)
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return (pooled, x) if self.return_feature_map else pooled
 
     @property
     def num_features(self) -> int:

@@ -95,6 +95,7 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.model.s2_init_bands = ""           # "ssl4eo_s2_l1c", "imagenet_rgb" or band names
     c.model.init_bands = ""
     c.model.init_band_fill = "error"     # a run band the file lacks: "zeros" or "repeat" (timm)
+    fusion_defaults(c.model)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.weights = ml_collections.ConfigDict(
@@ -119,6 +120,16 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
     c.optimizer.trust_coefficient = 0.001
     c.optimizer.grad_clip_norm = 0.0     # 0: no clipping
     return c
+
+
+def fusion_defaults(model: ml_collections.ConfigDict) -> None:
+    """The two-tower fusion keys of the `model` section (README "Fusion and missing
+    modalities"): how h_fused is made, and modality dropout."""
+    model.fusion = "concat"            # or "cross_attention" (joint layers over both grids)
+    model.fusion_dim = 512             # cross-attention: token width
+    model.fusion_heads = 8             # cross-attention: heads (must divide fusion_dim)
+    model.fusion_layers = 2            # cross-attention: joint layers
+    model.modality_dropout = 0.0       # per-sample probability that fusion sees one modality
 
 
 COMMON_ARGS = ("demo", "sen12ms")
@@ -184,6 +195,18 @@ def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def cross_attention_overrides(c: ml_collections.ConfigDict, *, demo: bool = False
+                              ) -> ml_collections.ConfigDict:
+    """Cross-attention fusion with modality dropout 0.3 (a config file's `xattn` argument); the
+    demo's tiny towers (64 features) get a 64-wide, 4-head fusion block."""
+    c.model.fusion = "cross_attention"
+    c.model.modality_dropout = 0.3
+    if demo:
+        c.model.fusion_dim = 64
+        c.model.fusion_heads = 4
+    return c
+
+
 def _walk(config: ml_collections.ConfigDict, prefix: str = ""):
     for key, value in config.items():
         path = f"{prefix}{key}"
@@ -206,7 +229,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     `device_count` (default: this process's `jax.device_count()`).
 
     The sections are checked in this order: keys and loss weights, numbers, the downstream
-    protocol, choices, model against objective, bands and augmentations, batch sizes."""
+    protocol, choices, model against objective, fusion, bands and augmentations, batch sizes."""
     objective = config.get("objective")
     if objective not in objectives.OBJECTIVES:
         _fail("objective", f"unknown objective {objective!r}; valid: "
@@ -216,6 +239,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     _validate_protocol(config, objective)
     _validate_choices(config, values, objective)
     _validate_model_for_objective(config, objective)
+    validate_fusion(config)
     _validate_bands_and_augment(config, values)
     _validate_batch_sizes(config, device_count)
 
@@ -360,6 +384,21 @@ def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
         pretrained.validate_init(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def validate_fusion(config: ml_collections.ConfigDict) -> None:
+    """The fusion and missing-modality keys of `config.model` (two towers only)."""
+    m = config.model
+    _choice("model.fusion", m.fusion, ("concat", "cross_attention"))
+    for key in ("fusion_dim", "fusion_heads", "fusion_layers"):
+        _integer(f"model.{key}", m[key], minimum=1)
+    if m.fusion_dim % m.fusion_heads:
+        _fail("model.fusion_dim", f"{m.fusion_dim} is not divisible by model.fusion_heads="
+              f"{m.fusion_heads}")
+    _number("model.modality_dropout", m.modality_dropout, minimum=0.0, maximum=1.0)
+    if m.kind != "two_tower" and (m.fusion != "concat" or m.modality_dropout):
+        key = "model.fusion" if m.fusion != "concat" else "model.modality_dropout"
+        _fail(key, "fuses the two towers of model.kind='two_tower'; a single tower has none")
 
 
 def _integer(key: str, value: Any, *, minimum: int) -> None:

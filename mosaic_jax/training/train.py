@@ -38,9 +38,15 @@ from data_builders import atomic_files, datasets
 from mosaic_jax import objectives
 from mosaic_jax.data import augment, input_norm
 from mosaic_jax.data.demo_data import demo_data_dir
-from mosaic_jax.evaluation.metrics import format_metrics_markdown, multilabel_metrics
+from mosaic_jax.evaluation.metrics import (
+    format_metrics_markdown,
+    missing_modality_metrics,
+    missing_modality_summary,
+    multilabel_metrics,
+)
 from mosaic_jax.evaluation.tsne_plot import plot_tsne
 from mosaic_jax.models import DATA_AXIS, apply_model, create_model, init_variables, pretrained
+from mosaic_jax.models.fusion import fusion_parameter_line
 from mosaic_jax.training import checkpoints, messages
 from mosaic_jax.training import workdir as workdir_files
 from mosaic_jax.training.configuration import validate_config
@@ -325,16 +331,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
 
 def make_eval_step(config: ml_collections.ConfigDict, model: nn.Module,
                    mesh: jax.sharding.Mesh) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """Jitted (state, batch) -> {"probs" [B, C], "embedding" [B, F]} on centre-resized input."""
+    """Jitted (state, batch) -> {"probs" [B, C], "embedding" [B, F]} on centre-resized input;
+    two towers also give "probs_s1_only" / "probs_s2_only" [B, C] (one modality missing)."""
     size = config.augment.out_size
-    embed_key = "h_fused" if config.model.kind == "two_tower" else "h"
+    two = config.model.kind == "two_tower"
+    embed_key = "h_fused" if two else "h"
 
     def step(state: TrainState, batch: Batch):
         s1 = augment.center_resize(batch["s1"], size)
         s2 = augment.center_resize(batch["s2"], size)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        out, _ = apply_model(model, variables, config, s1, s2, train=False)
-        return {"probs": jax.nn.sigmoid(out["logits"]), "embedding": out[embed_key]}
+        kw = {"missing_variants": True} if two else {}
+        out, _ = apply_model(model, variables, config, s1, s2, train=False, **kw)
+        probs = {f"probs{k[len('logits'):]}": jax.nn.sigmoid(v) for k, v in out.items()
+                 if k.startswith("logits")}
+        return {**probs, "embedding": out[embed_key]}
 
     return jax.jit(step, out_shardings=NamedSharding(mesh, P(DATA_AXIS)))
 
@@ -355,9 +366,11 @@ TRAIN_KEYS = ("s1", "s2", "labels", "label_mask")
 
 
 def evaluate(state: TrainState, eval_step: Callable, eval_ds: Any, mesh: jax.sharding.Mesh, *,
-             max_batches: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs the eval step over one pass of `eval_ds`; returns (probs, labels, embeddings)."""
-    probs, labels, embeddings = [], [], []
+             max_batches: int = 0
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Runs the eval step over one pass of `eval_ds`; returns (probs, labels, embeddings,
+    {"s1_only"/"s2_only": probs with one modality missing}, empty for a single tower)."""
+    probs, labels, embeddings, variants = [], [], [], {}
     for i, local in enumerate(eval_ds):
         if max_batches and i >= max_batches:
             break
@@ -367,9 +380,13 @@ def evaluate(state: TrainState, eval_step: Callable, eval_ds: Any, mesh: jax.sha
         valid = multihost_utils.process_allgather(np.asarray(local["valid"]), tiled=True)
         lab = multihost_utils.process_allgather(np.asarray(local["labels"]), tiled=True)
         probs.append(np.asarray(out["probs"])[valid])
+        for key in out:
+            if key.startswith("probs_"):
+                variants.setdefault(key[len("probs_"):], []).append(np.asarray(out[key])[valid])
         embeddings.append(np.asarray(out["embedding"])[valid])
         labels.append(lab[valid] > 0)
-    return np.concatenate(probs), np.concatenate(labels), np.concatenate(embeddings)
+    return (np.concatenate(probs), np.concatenate(labels), np.concatenate(embeddings),
+            {k: np.concatenate(v) for k, v in variants.items()})
 
 
 def write_eval_outputs(workdir: str, split: str, step: int, metrics: dict,
@@ -515,6 +532,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
                 config.init_from), config.train_mode), flush=True)
     if is_chief:  # the parameter table the Flax examples log at start (names, shapes, sizes)
         parameter_overview.log_parameter_overview(state.params, include_stats=False)
+    fusion_line = fusion_parameter_line(config.model, state.params)
+    if is_chief and fusion_line:
+        print(fusion_line, flush=True)
     writer = tensorboard_writer.create_writer(workdir, just_logging=not is_chief)
     progress = tensorboard_writer.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps)
@@ -618,9 +638,9 @@ def _train(run: _Run, state: TrainState, start_step: int) -> tuple[TrainState, b
 def _evaluate_and_write(run: _Run, state: TrainState, step: int) -> dict[str, Any]:
     """Evaluates on `data.eval_split`; writes the metrics files, scalars and the t-SNE."""
     config, split = run.config, run.config.data.eval_split
-    probs, labels, emb = evaluate(state, run.eval_step, run.eval_ds, run.mesh,
-                                  max_batches=config.eval_max_batches)
-    metrics = multilabel_metrics(probs, labels)
+    probs, labels, emb, variants = evaluate(state, run.eval_step, run.eval_ds, run.mesh,
+                                            max_batches=config.eval_max_batches)
+    metrics = {**multilabel_metrics(probs, labels), **missing_modality_metrics(variants, labels)}
     if run.is_chief:
         picture = write_eval_outputs(run.workdir, split, step, metrics, emb, labels,
                                      run.class_names, config.tsne_points, embedding_name(config))
@@ -630,8 +650,8 @@ def _evaluate_and_write(run: _Run, state: TrainState, step: int) -> dict[str, An
                                         if isinstance(v, float)})
         print(f"step {step}: eval on {split} ({metrics['num_samples']} patches): "
               f"macro AP {metrics['macro_ap']:.4f}, micro AP {metrics['micro_ap']:.4f}, "
-              f"macro F1 {metrics['macro_f1']:.4f}, micro F1 {metrics['micro_f1']:.4f}",
-              flush=True)
+              f"macro F1 {metrics['macro_f1']:.4f}, micro F1 {metrics['micro_f1']:.4f}"
+              + missing_modality_summary(metrics), flush=True)
     return metrics
 
 
