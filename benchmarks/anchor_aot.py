@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -309,6 +310,23 @@ def markdown(payload: dict[str, Any]) -> str:
             f"({r['bound']} / {a['bound']}) | "
             + ", ".join(f"{v:.2f}x" for v in q.values()) + " |")
     return "\n".join(lines)
+
+
+def sweep(anchor: str | os.PathLike, topologies: list[str], image_sizes: list[int],
+          per_chip_batch: int, output: Path = DEFAULT_OUTPUT) -> None:
+    """Both sides for every (topology, size), one subprocess per compile, rows already in
+    `output` skipped (a stopped sweep resumes); prints the ratios table at the end."""
+    for topology in topologies:
+        for px in image_sizes:
+            for side in ("anchor", "ours"):
+                rows = json.loads(output.read_text())["rows"] if output.exists() else []
+                if find_row(rows, row_key(side, topology, px, per_chip_batch, {})):
+                    continue
+                subprocess.run([sys.executable, "-m", "benchmarks.anchor_aot", "--anchor",
+                                os.fspath(anchor), "--side", side, "--topology", topology,
+                                "--image_px", str(px), "--per_chip_batch", str(per_chip_batch),
+                                "--output", os.fspath(output)], check=True)
+    print(markdown(json.loads(output.read_text())))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,7 @@ def plan_once(manual_dir: Path, data_dir: Path) -> dict[str, Any]:
 
     rss0 = _rss_mib()
     builder = ben.BigearthnetV2(config="all", data_dir=os.fspath(data_dir), skip_checksums=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     builder._check_manual_dir(manual_dir)
     t1 = time.perf_counter()
     by_split, rejected = builder._plan(manual_dir)
@@ -117,12 +117,13 @@ def plan_once(manual_dir: Path, data_dir: Path) -> dict[str, Any]:
     shards = {split: len(shard_writer.plan_split(
         split, [(r.patch_id, r) for r in rows], example_size=loader.serialized_size(),
         shard_config=shard_config)) for split, rows in by_split.items()}
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     return {"rows": sum(map(len, by_split.values())) + len(rejected),
             "rows_by_split": {k: len(v) for k, v in by_split.items()},
             "rejected": len(rejected), "shards": shards,
             "check_md5_s": t1 - t0, "plan_rows_s": t2 - t1, "plan_shards_s": t3 - t2,
-            "total_s": t3 - t0, "rss_before_mib": rss0, "peak_rss_mib": _rss_mib()}
+            "total_s": t3 - t0, "total_cpu_s": c3 - c0,
+            "rss_before_mib": rss0, "peak_rss_mib": _rss_mib()}
 
 
 def part_plan(metadata_dir: Path, work: Path) -> dict[str, Any]:
@@ -133,11 +134,13 @@ def part_plan(metadata_dir: Path, work: Path) -> dict[str, Any]:
                           "--work_dir", os.fspath(work)])
         row["fraction"] = fraction
         sizes.append(row)
-        print(f"plan {row['rows']} rows: {row['total_s']:.1f} s, peak RSS "
+        print(f"plan {row['rows']} rows: {row['total_s']:.1f} s ({row['total_cpu_s']:.1f} CPU-s), "
+              f"peak RSS "
               f"{row['peak_rss_mib']:.0f} MiB", flush=True)
     half, full = sizes[-2], sizes[-1]
     return {"sizes": sizes,
             "time_ratio_full_over_half": full["total_s"] / half["total_s"],
+            "cpu_ratio_full_over_half": full["total_cpu_s"] / half["total_cpu_s"],
             "rows_ratio_full_over_half": full["rows"] / half["rows"],
             "us_per_row_full": full["total_s"] / full["rows"] * 1e6}
 
