@@ -20,9 +20,11 @@ max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth), from the chip's published 
     python -m benchmarks.anchor_aot --anchor FILE --side anchor --topology v5e:2x2 \
         --image_px 120 [--per_chip_batch 64] [--set loss.inter_view=shared] [--output PATH]
 
-Each call compiles one side and adds (or replaces) its row in the JSON (default
-`benchmarks/results/aot_anchor.json`); `benchmarks/aot_sweep.py --anchor FILE` runs the rows of
-both sides one subprocess at a time. `--markdown` prints the ratios table of the rows present.
+`--side augment` compiles our on-device augmentation alone (no config key switches it off
+inside the step), to attribute its share. Each call compiles one side and adds (or replaces)
+its row in the JSON (default `benchmarks/results/aot_anchor.json`);
+`benchmarks/aot_sweep.py --anchor FILE` runs the rows of both sides one subprocess at a time.
+`--markdown` prints the ratios table of the rows present.
 """
 
 from __future__ import annotations
@@ -131,6 +133,50 @@ def lower_ours(devices: list, global_batch: int, image_px: int, overrides: dict[
     config = iai_simclr.get_config()
     settings = {"augment.out_size": image_px, "model.dtype": "bfloat16",
                 "batch_size": global_batch, "eval_batch_size": global_batch, **overrides}
+    _apply(config, settings)
+    validate_config(config, device_count=len(devices))
+    mesh = train.make_mesh(devices)
+    model, tx = models.create_model(config), train.create_optimizer(config)
+    step = train.make_train_step(config, model, tx, mesh)
+    state = aot.abstract_state(config, mesh)
+    batch = aot.abstract_batch(config, mesh, global_batch, train.TRAIN_KEYS)
+    return step.lower(state, batch)
+
+
+def lower_augment(devices: list, global_batch: int, image_px: int,
+                  overrides: dict[str, str]):
+    """Our step's on-device augmentation alone (`augment.paired_views` on each chip's shard,
+    keys and views as `train.make_train_step` makes them), lowered for `devices`: what the
+    augmentation costs by itself, since no config key switches it off inside the step."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from configs import iai_simclr
+    from mosaic_jax.data import augment
+    from mosaic_jax.training import aot, train
+
+    config = iai_simclr.get_config()
+    _apply(config, {"augment.out_size": image_px, "batch_size": global_batch, **overrides})
+    mesh = train.make_mesh(devices)
+    aug = train.augment_config(config)
+    num_views = 3 if config.loss.inter_view == "third" else 2
+
+    def per_device(rng, batch):
+        n = batch["s1"].shape[0]
+        first = jax.lax.axis_index(train.DATA_AXIS) * n
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, first + jnp.arange(n))
+        return augment.paired_views(keys, batch["s1"], batch["s2"], aug, num_views)
+
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(train.DATA_AXIS)),
+                            out_specs=P(None, train.DATA_AXIS))
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=jax.sharding.NamedSharding(mesh, P()))
+    batch = aot.abstract_batch(config, mesh, global_batch, ("s1", "s2"))
+    return jax.jit(sharded).lower(rng, batch)
+
+
+def _apply(config: Any, settings: dict[str, Any]) -> None:
+    """Sets dotted config keys; string values are parsed to the existing value's type."""
     for key, value in settings.items():
         parent = config
         *path, leaf = key.split(".")
@@ -139,13 +185,6 @@ def lower_ours(devices: list, global_batch: int, image_px: int, overrides: dict[
         old = parent[leaf]
         parent[leaf] = type(old)(_parse(value)) if isinstance(old, (bool, int, float)) \
             and isinstance(value, str) else value
-    validate_config(config, device_count=len(devices))
-    mesh = train.make_mesh(devices)
-    model, tx = models.create_model(config), train.create_optimizer(config)
-    step = train.make_train_step(config, model, tx, mesh)
-    state = aot.abstract_state(config, mesh)
-    batch = aot.abstract_batch(config, mesh, global_batch, train.TRAIN_KEYS)
-    return step.lower(state, batch)
 
 
 def _parse(value: str) -> Any:
@@ -165,12 +204,39 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\
                     r"(?P<op>[a-z][\w\-]*)\((?P<args>.*)$")
 
 
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]"
+                    r"(?:\{([\d,]*)(?::[^}]*?T\((\d+),(\d+)\))?)?")
+
+
+def tiled_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string as laid out in memory: with a TPU tiled layout
+    (`f32[64,120,120,2]{3,2,1,0:T(8,128)}`) the two most minor dimensions are padded to the
+    first tile (here 2 -> 128 lanes and 120 -> 120 sublanes), which is what HBM holds and moves;
+    shapes without a tile count as dense. Tuple shapes are summed."""
+    from mosaic_jax.training.aot import DTYPE_BYTES
+
+    total = 0.0
+    for dtype, dims, layout, t0, t1 in _ARRAY.findall(shape):
+        if dtype not in DTYPE_BYTES:
+            continue
+        sizes = [int(d) for d in dims.split(",") if d]
+        if t0 and layout and len(sizes) >= 1:
+            order = [int(d) for d in layout.split(",") if d]  # minor to major
+            sizes[order[0]] = -(-sizes[order[0]] // int(t1)) * int(t1)
+            if len(order) > 1:
+                sizes[order[1]] = -(-sizes[order[1]] // int(t0)) * int(t0)
+        count = 1
+        for d in sizes:
+            count *= d
+        total += DTYPE_BYTES[dtype] * count
+    return int(total)
+
+
 def hlo_top(hlo_text: str, n: int = 12) -> list[dict[str, Any]]:
     """The `n` largest instructions of an optimised HLO module outside fusion bodies, by bytes
-    touched (output + operands, each operand's size read from its defining instruction), with
+    touched (output + operands, each operand's size read from its defining instruction, TPU
+    tile padding included: `tiled_bytes`), with
     op and op_name. A rough map of where HBM traffic goes, not XLA's own byte count."""
-    from mosaic_jax.training.aot import shape_bytes
-
     rows, inside_fusion, sizes = [], False, {}
     for line in hlo_text.splitlines():
         head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
@@ -180,7 +246,7 @@ def hlo_top(hlo_text: str, n: int = 12) -> list[dict[str, Any]]:
         m = _INSTR.match(line)
         if not m:
             continue
-        sizes[m.group("name")] = shape_bytes(m.group("shape"))
+        sizes[m.group("name")] = tiled_bytes(m.group("shape"))
         if inside_fusion or m.group("op") in FREE_OPS:
             continue
         args = re.split(r"\),?\s*(?:kind=|calls=|metadata=|custom_call_target=|window=|"
@@ -256,6 +322,8 @@ def compile_row(anchor: str | None, side: str, topology: str, image_px: int,
     global_batch = per_chip_batch * len(devices)
     if side == "anchor":
         lowered = lower_anchor(load_anchor(anchor), devices, global_batch, image_px)
+    elif side == "augment":
+        lowered = lower_augment(devices, global_batch, image_px, overrides)
     else:
         lowered = lower_ours(devices, global_batch, image_px, overrides)
     t0 = time.perf_counter()
@@ -332,7 +400,8 @@ def sweep(anchor: str | os.PathLike, topologies: list[str], image_sizes: list[in
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--anchor", help="the plain Flax step's Python file (needed for --side anchor)")
-    p.add_argument("--side", choices=("anchor", "ours"), default="ours")
+    p.add_argument("--side", choices=("anchor", "ours", "augment"), default="ours",
+                   help="augment: our on-device augmentation alone")
     p.add_argument("--topology", default="v5e:2x2")
     p.add_argument("--image_px", type=int, default=120)
     p.add_argument("--per_chip_batch", type=int, default=64)

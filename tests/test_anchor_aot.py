@@ -129,6 +129,14 @@ def test_hlo_top_counts_output_and_operands_outside_fusion_bodies():
     assert anchor_aot.op_totals(HLO) == {"fusion": top[0]["bytes"], "convert": top[1]["bytes"]}
 
 
+def test_tiled_bytes_pads_the_two_minor_dimensions_to_the_tile():
+    # NHWC with 2 channels minor: 2 -> 128 lanes, W = 120 -> 120 (a multiple of 8).
+    assert anchor_aot.tiled_bytes("f32[64,120,120,2]{3,2,1,0:T(8,128)}") == 64 * 120 * 120 * 128 * 4
+    # Layout order decides which dimensions are minor: here H (dim 1) is the lane dimension.
+    assert anchor_aot.tiled_bytes("bf16[4,5,3]{1,2,0:T(8,128)}") == 4 * 128 * 8 * 2
+    assert anchor_aot.tiled_bytes("(f32[16,128]{1,0}, s32[])") == 16 * 128 * 4 + 4
+
+
 def test_roofline_is_the_larger_of_compute_and_hbm_time():
     peak, bandwidth = anchor_aot.PEAK["TPU v5 lite"]
     assert (peak, bandwidth) == (197e12, 819e9)
