@@ -148,7 +148,7 @@ def test_largest_fitting_doubles_then_bisects():
 def test_sweep_command_is_weak_scaling():
     argv = aot_command("iai_256", "v5e:4x4", 64, chips_of("v5e:4x4"), output="r.json")
     assert chips_of("v5e:4x4") == 16 and chips_of("v4:2x2x2") == 8
-    assert argv[1:3] == ["-m", "mosaic_jax", "aot"]
+    assert argv[1:4] == ["-m", "mosaic_jax", "aot"]
     assert "--config.batch_size=1024" in argv and "--config.augment.out_size=256" in argv
     assert "--config.model.dtype=bfloat16" in argv and "--topology=v5e:4x4" in argv
     # The sweep (no jax) names the purposes as mosaic_jax.training.aot does.
