@@ -23,7 +23,7 @@ max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth), from the chip's published 
 `--side augment` compiles our on-device augmentation alone (no config key switches it off
 inside the step), to attribute its share. Each call compiles one side and adds (or replaces)
 its row in the JSON (default `benchmarks/results/aot_anchor.json`);
-`benchmarks/aot_sweep.py --anchor FILE` runs the rows of both sides one subprocess at a time.
+`python -m benchmarks.aot_sweep --anchor FILE` runs the rows of both sides one subprocess at a time.
 `--markdown` prints the ratios table of the rows present.
 """
 

@@ -16,7 +16,7 @@ are not compiled again, so a sweep that was stopped resumes where it was.
 
 Usage: python benchmarks/aot_sweep.py [--part weak|fit|all] [--workloads ...]
        [--topologies ...] [--per_chip_batch 64] [--quick] [--output PATH] [--markdown]
-       python benchmarks/aot_sweep.py --anchor FILE --topologies v5e:2x2 v5e:4x4
+       python -m benchmarks.aot_sweep --anchor FILE --topologies v5e:2x2 v5e:4x4
 (`--anchor`: our iai step against a plain Flax step, see benchmarks/anchor_aot.py.)
 """
 
