@@ -17,6 +17,8 @@ are not compiled again, so a sweep that was stopped resumes where it was.
 
 Usage: python -m benchmarks.aot_sweep [--part weak|fit|all] [--workloads ...]
        [--topologies ...] [--per_chip_batch 64] [--quick] [--output PATH] [--markdown]
+       python -m benchmarks.aot_sweep --anchor FILE --topologies v5e:2x2 v5e:4x4
+(`--anchor`: our iai step against a plain Flax step, see benchmarks/anchor_aot.py.)
 """
 
 from __future__ import annotations
@@ -217,7 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--markdown", action="store_true",
                    help="print the rows already in --output as RESULTS.md's table; compile nothing")
+    p.add_argument("--anchor", type=Path, default=None,
+                   help="a plain Flax IaI step's file: compile it and our iai step side by side "
+                   "(benchmarks/anchor_aot.py) at 120 and 256 px on --topologies instead")
     args = p.parse_args(argv)
+    if args.anchor is not None:
+        from benchmarks import anchor_aot
+
+        anchor_aot.sweep(args.anchor, list(args.topologies), [120, 256], args.per_chip_batch)
+        return 0
     if args.per_chip_batch < 1 or args.resolution < 1:
         p.error("--per_chip_batch and --resolution must be positive")
     output = args.output or RESULTS_DIR / ("aot_sweep_quick.json" if args.quick

@@ -6,20 +6,15 @@ ResNet-50 towers at 120 px (stem "iai": 8 x 8 tokens of 2048 features each). The
 the forward + backward pass (gradients of parameters and tokens) are compiled for the CPU and
 XLA's `cost_analysis()` gives their FLOPs; divided by the batch, per sample and view.
 
-Usage: python benchmarks/fusion_flops.py [--output PATH]
+Usage: python -m benchmarks.fusion_flops [--output PATH]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import RESULTS_DIR, machine_info, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, describe_machine, format_table, machine_info, write_json
+from data_builders import cli
 
 
 def measure(dim: int = 512, heads: int = 8, layers: int = 2, grid: int = 8,
@@ -52,15 +47,22 @@ def measure(dim: int = 512, heads: int = 8, layers: int = 2, grid: int = 8,
             "gflop_per_view_forward_backward": flops(both)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", type=Path, default=RESULTS_DIR / "fusion_flops.json")
-    args = p.parse_args(argv)
-    result = measure()
-    write_json(args.output, {"machine": machine_info(with_jax=True), "fusion_block": result})
-    print(result)
-    return 0
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.new_parser("python -m benchmarks.fusion_flops", __doc__)
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "fusion_flops.json")
+    args = parser.parse_args(argv)
+    info = machine_info(with_jax=True)
+    print(f"Machine: {describe_machine(info)}", flush=True)
+    r = measure()
+    print(format_table(
+        ["width", "heads", "layers", "tokens per modality", "token features", "parameters",
+         "GFLOP/view fwd", "GFLOP/view fwd+bwd"],
+        [[r["dim"], r["heads"], r["layers"], r["tokens_per_modality"], r["token_features"],
+          f"{r['parameters'] / 1e6:.1f} M", f"{r['gflop_per_view_forward']:.2f}",
+          f"{r['gflop_per_view_forward_backward']:.2f}"]]))
+    write_json(args.output, {"machine": info, "fusion_block": r})
+    print(f"Wrote {args.output}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -13,18 +13,14 @@ of jax and flax) and its growth over the measurement.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from data_builders import cli
 
 
 def resnet50_state_dict(in_chans: int, num_classes: int, seed: int) -> dict[str, np.ndarray]:
@@ -62,7 +58,7 @@ def resnet50_state_dict(in_chans: int, num_classes: int, seed: int) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.new_parser("python -m benchmarks.pretrained_import", __doc__)
     parser.add_argument("--output", default=str(common.RESULTS_DIR / "pretrained_import.json"))
     args = parser.parse_args(argv)
 
@@ -125,4 +121,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
