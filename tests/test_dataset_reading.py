@@ -19,7 +19,7 @@ SECTION = "## Use the datasets in your own code"
 def readme_section_code():
     text = (REPO / "README.md").read_text()
     section = text[text.index(SECTION):]
-    section = section[:section.index("\n## ", len(SECTION))]
+    section = section[:len(SECTION)] + section[len(SECTION):].split("\n## ", 1)[0]  # may be last
     (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     return code
 

@@ -121,12 +121,10 @@ LAUNCHER = hide_packages_source(("tensorflow",)) + textwrap.dedent("""\
     import sys
 
     assert importlib.util.find_spec("tensorflow") is None
-    from absl import app
-
     from mosaic_jax import main
 
     try:
-        app.run(main.main)
+        main.main()  # parses sys.argv itself (data_builders.cli.parse_absl)
     finally:
         loaded = sorted(m for m in sys.modules if m.partition(".")[0] == "tensorflow")
         assert not loaded, loaded

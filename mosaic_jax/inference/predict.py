@@ -385,12 +385,18 @@ def _check_files(export_dir: str, info: dict[str, Any], inputs: dict[str, str | 
     check_outputs_spare_inputs({k: v for k, v in inputs.items() if v}, output_paths(output))
 
 
-def _absent_aware(embed: Callable[..., Any], s1_absent: bool, s2_absent: bool
-                  ) -> Callable[..., Any]:
-    """``embed(s1, s2)`` that passes None for the missing modality."""
-    if not (s1_absent or s2_absent):
+def _embedder(export_dir: str, info: dict[str, Any], s1_path: str | None,
+              s2_path: str | None) -> Callable[..., Any]:
+    """The export's embedder (`load_embedder` refuses a diverged model). With a modality
+    missing, ``embed(s1, s2)`` passes None for it, and is tried once on zeros so that an export
+    that cannot take a missing modality fails before any work."""
+    embed = load_embedder(export_dir)
+    if s1_path and s2_path:
         return embed
-    return lambda s1, s2: embed(None if s1_absent else s1, None if s2_absent else s2)
+    size = int(info["input_size"])
+    embed(*(np.zeros((1, size, size, len(info["inputs"][m]["bands"])), np.float32)
+            if path else None for m, path in (("s1", s1_path), ("s2", s2_path))))
+    return lambda s1, s2: embed(s1 if s1_path else None, s2 if s2_path else None)
 
 
 def _export_name(export_dir: str, info: dict[str, Any]) -> str:
@@ -442,16 +448,12 @@ def predict_scene(export_dir: str, s1_path: str | None, s2_path: str | None, out
     s1_linear = s1_linear and s1_path is not None
     _check_files(export_dir, info, {"--s1": s1_path, "--s2": s2_path, "--reference": reference},
                  output)
-    embed = load_embedder(export_dir)  # refuses a diverged (non-finite) model
-    embed = _absent_aware(embed, s1_path is None, s2_path is None)
+    embed = _embedder(export_dir, info, s1_path, s2_path)
     spec = {m: info["inputs"][m] for m in ("s1", "s2")}
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
     alone = ("" if s1_path and s2_path else
              "from S1 alone (S2 missing)" if s1_path else "from S2 alone (S1 missing)")
     with contextlib.ExitStack() as stack:
-        if alone:  # an export that cannot take a missing modality fails here, before the work
-            embed(*(np.zeros((1, size, size, len(spec[m]["bands"])), np.float32)
-                    for m in ("s1", "s2")))
         scene = open_inputs(stack, spec, s1_path, s2_path, grid_mismatch=grid_mismatch,
                             s1_linear=s1_linear, log=log)
         height, width = scene.s2.height, scene.s2.width
@@ -470,7 +472,7 @@ def predict_scene(export_dir: str, s1_path: str | None, s2_path: str | None, out
         mean = writer.mean_probability()
         chosen = list(quicklook_classes or [class_names[i] for i in np.argsort(-mean)[:3]])
         files = " + ".join(os.path.basename(p) for p in (s2_path, s1_path) if p)
-        title = title_lines(files + (f" ({alone})" if alone else ""),
+        title = title_lines(f"{files} ({alone})" if alone else files,
                             _export_name(export_dir, info), quicklook_note)
         paths = writer.finish(functools.partial(
             write_quicklook, classes=chosen, class_names=class_names, title=title,

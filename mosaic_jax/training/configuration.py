@@ -71,55 +71,71 @@ def base_config(objective: str = "mosaic1") -> ml_collections.ConfigDict:
         {f.name: f.default for f in dataclasses.fields(augment.AugmentConfig)
          if f.name != "sar_std_db"})
 
-    c.model = ml_collections.ConfigDict()
-    c.model.kind = "two_tower"           # or "single_tower"
-    c.model.s1_encoder = "resnet18"
-    c.model.s2_encoder = "resnet18"
-    c.model.encoder = "resnet18"         # single tower only
-    c.model.inputs = "s1s2"              # single tower: "s1", "s2" or "s1s2" (early fusion)
-    c.model.width_multiplier = 1.0
-    c.model.stem = "iai"                 # 7x7/2 conv without max-pool (120 px inputs)
-    c.model.proj_hidden_dim = 512
-    c.model.proj_dim = 128
-    c.model.sync_bn = True
-    c.model.bn_momentum = 0.9
-    c.model.drop_path_rate = 0.0
-    c.model.remat = False                # recompute encoder blocks in backward: less memory
-    c.model.dtype = "float32"            # compute dtype; "bfloat16" on accelerators
+    c.model = model_defaults()
+    c.loss = loss_defaults(objective)
+    c.optimizer = optimizer_defaults()
+    return c
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+    """The `model` section: towers, heads, compute, pretrained weights, fusion."""
+    m = ml_collections.ConfigDict()
+    m.kind = "two_tower"                 # or "single_tower"
+    m.s1_encoder = "resnet18"
+    m.s2_encoder = "resnet18"
+    m.encoder = "resnet18"               # single tower only
+    m.inputs = "s1s2"                    # single tower: "s1", "s2" or "s1s2" (early fusion)
+    m.width_multiplier = 1.0
+    m.stem = "iai"                       # 7x7/2 conv without max-pool (120 px inputs)
+    m.proj_hidden_dim = 512
+    m.proj_dim = 128
+    m.sync_bn = True
+    m.bn_momentum = 0.9
+    m.drop_path_rate = 0.0
+    m.remat = False                      # recompute encoder blocks in backward: less memory
+    m.dtype = "float32"                  # compute dtype; "bfloat16" on accelerators
     # Start towers from published weights (mosaic_jax.models.pretrained): a .safetensors or
     # .pth file with torchvision/timm names; its input channels: a preset or band names.
-    c.model.s1_init = ""
-    c.model.s2_init = ""
-    c.model.init = ""                    # single tower
-    c.model.s1_init_bands = ""           # "": the run's own bands; "ssl4eo_s1", ...
-    c.model.s2_init_bands = ""           # "ssl4eo_s2_l1c", "imagenet_rgb" or band names
-    c.model.init_bands = ""
-    c.model.init_band_fill = "error"     # a run band the file lacks: "zeros" or "repeat" (timm)
-    fusion_defaults(c.model)
+    m.s1_init = ""
+    m.s2_init = ""
+    m.init = ""                          # single tower
+    m.s1_init_bands = ""                 # "": the run's own bands; "ssl4eo_s1", ...
+    m.s2_init_bands = ""                 # "ssl4eo_s2_l1c", "imagenet_rgb" or band names
+    m.init_bands = ""
+    m.init_band_fill = "error"           # a run band the file lacks: "zeros" or "repeat" (timm)
+    fusion_defaults(m)
+    return m
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.weights = ml_collections.ConfigDict(
+
+def loss_defaults(objective: str) -> ml_collections.ConfigDict:
+    """The `loss` section: a weight per term of `objective`, temperatures, memory layout."""
+    loss = ml_collections.ConfigDict()
+    loss.weights = ml_collections.ConfigDict(
         {term: 1.0 for term in objectives.OBJECTIVES[objective]})
-    c.loss.t_intra = 0.5
-    c.loss.t_inter = 0.5
-    c.loss.t_sup = 0.1
-    c.loss.mulsupcon_weighting = "mean"
-    c.loss.block_size = 0                # > 0: blockwise losses, O(batch * block) memory
+    loss.t_intra = 0.5
+    loss.t_inter = 0.5
+    loss.t_sup = 0.1
+    loss.mulsupcon_weighting = "mean"
+    loss.block_size = 0                  # > 0: blockwise losses, O(batch * block) memory
     # Views the inter-modal term reads: "shared" (views a and b: two forward passes per sample)
     # or "third" (a separate third view: three passes, as IaI-SimCLR published).
-    c.loss.inter_view = "shared"
+    loss.inter_view = "shared"
+    return loss
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adamw"           # or "sgd" (with momentum) or "lars"
-    c.optimizer.learning_rate = 1e-3     # peak, after warmup
-    c.optimizer.warmup_steps = 500
-    c.optimizer.weight_decay = 1e-4
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.momentum = 0.9           # SGD and LARS
-    c.optimizer.trust_coefficient = 0.001
-    c.optimizer.grad_clip_norm = 0.0     # 0: no clipping
-    return c
+
+def optimizer_defaults() -> ml_collections.ConfigDict:
+    """The `optimizer` section: AdamW by default; SGD and LARS keys."""
+    opt = ml_collections.ConfigDict()
+    opt.name = "adamw"                   # or "sgd" (with momentum) or "lars"
+    opt.learning_rate = 1e-3             # peak, after warmup
+    opt.warmup_steps = 500
+    opt.weight_decay = 1e-4
+    opt.b1 = 0.9
+    opt.b2 = 0.999
+    opt.momentum = 0.9                   # SGD and LARS
+    opt.trust_coefficient = 0.001
+    opt.grad_clip_norm = 0.0             # 0: no clipping
+    return opt
 
 
 def fusion_defaults(model: ml_collections.ConfigDict) -> None:
