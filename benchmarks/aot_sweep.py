@@ -13,7 +13,8 @@ with ResNet-50 towers, 120 px; `mosaic1_xattn_r50_120` the same with cross-atten
 `configs/mosaic1.py:xattn`), `iai_120` and `iai_256` (configs/iai_simclr.py, ResNet-18
 towers, three views, 120 and 256 px). Only the train step is compiled (`--noeval_step`); it is
 the larger program. The JSON (`--output`) is rewritten after every row, and rows already in it
-are not compiled again, so a sweep that was stopped resumes where it was.
+with a result (fits or does not fit) are not compiled again, so a sweep that was stopped
+resumes where it was; a row that timed out or failed is compiled again.
 
 Usage: python -m benchmarks.aot_sweep [--part weak|fit|all] [--workloads ...]
        [--topologies ...] [--per_chip_batch 64] [--quick] [--output PATH] [--markdown]
@@ -137,9 +138,11 @@ class Sweep:
             block_size: int = 0, part: str) -> dict[str, Any]:
         key = {"workload": workload, "topology": topology, "per_chip_batch": per_chip_batch,
                "remat": remat, "loss_block_size": block_size}
-        for r in self.payload["rows"]:
+        for r in list(self.payload["rows"]):
             if all(r.get(k) == v for k, v in key.items()):
-                return r
+                if r.get("status") in ("fits", "does not fit"):
+                    return r
+                self.payload["rows"].remove(r)  # a timeout or error is compiled again
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "report.json")
             argv = aot_command(workload, topology, per_chip_batch, chips_of(topology),

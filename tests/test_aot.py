@@ -156,6 +156,33 @@ def test_sweep_command_is_weak_scaling():
         (aot.LOSS_GATHER, aot.GRADIENTS, aot.BATCHNORM)
 
 
+def test_sweep_keeps_results_and_compiles_a_timed_out_row_again(tmp_path, monkeypatch):
+    key = {"topology": "v5e:2x2", "per_chip_batch": 64, "remat": False, "loss_block_size": 0}
+    output = tmp_path / "sweep.json"
+    output.write_text(json.dumps({"rows": [
+        {"workload": "iai_120", **key, "status": "fits", "wall_s": 10},
+        {"workload": "iai_256", **key, "status": "timeout", "wall_s": 3600}]}))
+    calls = []
+
+    real_run = subprocess.run
+
+    def fake_run(argv, **kwargs):  # a compile that fails before writing its report
+        if argv[1:4] != ["-m", "mosaic_jax", "aot"]:
+            return real_run(argv, **kwargs)  # machine_info's uname and git
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 1, "", "RuntimeError: boom\n")
+
+    monkeypatch.setattr(aot_sweep.subprocess, "run", fake_run)
+    sweep = aot_sweep.Sweep(output, quick=True, timeout=5)
+    assert sweep.row("iai_120", "v5e:2x2", 64, part="weak")["status"] == "fits"
+    assert not calls  # a row with a result is not compiled again
+    again = sweep.row("iai_256", "v5e:2x2", 64, part="weak")
+    assert len(calls) == 1 and again["status"] == "error" and "boom" in again["error"]
+    rows = json.loads(output.read_text())["rows"]
+    assert [(r["workload"], r["status"]) for r in rows] == [("iai_120", "fits"),
+                                                           ("iai_256", "error")]
+
+
 # ----------------------------------------------------------------------------- with libtpu
 
 
