@@ -2,7 +2,9 @@
 XLA CPU compilation, and a per-session persistent compilation cache so that identical programs
 compile once."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # XLA's CPU backend spends most of these tests' time in LLVM (the initialisers' threefry
@@ -17,6 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mosaic_jax_xla_cache_")
+    # Removed when this process (pytest's main one; workers and subprocesses inherit it) ends.
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
