@@ -397,3 +397,14 @@ def test_a_scene_is_mapped_from_s1_alone(xattn_export, tmp_path):
     np.testing.assert_allclose(got.reshape(4, -1), want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="give --s1, --s2 or both"):
         predict.predict_scene(export_dir, None, None, str(tmp_path / "x.tif"), progress=False)
+
+
+def test_a_missing_modality_on_a_model_trained_without_dropout_is_warned_about():
+    from mosaic_jax.export import untrained_absence_note
+
+    concat = {"model": {"kind": "two_tower", "modality_dropout": 0.0}}
+    assert untrained_absence_note(concat, "s2").startswith(
+        "warning: S2 is missing, but this model was trained with both modalities")
+    assert untrained_absence_note({"model": {"kind": "two_tower", "modality_dropout": 0.3}},
+                                  "s2") == ""
+    assert untrained_absence_note({"model": {"kind": "single_tower"}}, "s1") == ""

@@ -54,7 +54,12 @@ def test_training_console_resume_and_probe(prepared_fake, tmp_path):
     main = ["-m", "mosaic_jax.main", "--config=configs/mosaic1.py:demo"]
     first = run_python([*main, *_tiny_flags(prepared_fake, workdir, 3)])
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "| Name" in first.stderr and "Total: " in first.stderr  # clu's parameter table
+    # clu's parameter table goes to the workdir; the console gets one line.
+    table = (workdir / "parameters.txt").read_text()
+    assert "| Name" in table and "enc_s1/conv1/kernel" in table and "Total: " in table
+    total = int(re.search(r"Total: ([\d,]+)", table).group(1).replace(",", ""))
+    assert f"Model: {total:,} parameters (" in first.stdout
+    assert "| Name" not in first.stdout + first.stderr
     second = run_python([*main, *_tiny_flags(prepared_fake, workdir, 5)])
     assert second.returncode == 0, second.stderr[-3000:]
     console_text = second.stdout + second.stderr

@@ -21,3 +21,8 @@ def test_run_messages():
     assert messages.done_line(160, 80, 7.0) == (
         "Done: step 160; this run did 80 steps (resumed at step 80) in 7 s.")
 
+
+
+def test_parameters_line():
+    assert messages.parameters_line(393_843, 1_575_372, "runs/demo/parameters.txt") == (
+        "Model: 393,843 parameters (1.6 MB); table in runs/demo/parameters.txt")

@@ -587,6 +587,20 @@ def test_scene_reader_reads_bands_of_rows_in_the_models_units(scenes, tmp_path):
     np.testing.assert_array_equal(bands[2].s2, band.s2)
 
 
+def test_a_missing_s2_with_zero_means_leaves_every_s1_pixel_valid(scenes):
+    """A weight file's preset can have S2 means of 0 (value / 10000): the stand-in of a missing
+    S2 then reads zeros, which must not count as Sentinel-2's no-data fill."""
+    s1, _ = scenes["nodata"]
+    x1, _, _ = _read(s1)
+    spec = {"bands": ["B02", "B03"], "mean": [0.0, 0.0], "std": [1e4, 1e4]}
+    with rasterio.open(s1) as f1:
+        absent = scene_reader.AbsentModality(f1, spec)
+        band = scene_reader.SceneReader(f1, absent, [1, 2], [1, 2], 120).read(0)
+    np.testing.assert_array_equal(band.s2, 0.0)
+    np.testing.assert_array_equal(band.valid, np.isfinite(x1[:120]).all(-1))
+    assert band.valid.any()
+
+
 def _run_tag(path):
     if path.endswith(".png"):
         from PIL import Image
@@ -628,6 +642,22 @@ def test_map_writer_writes_rows_and_tags_every_file(tmp_path):
     assert labels[0, 1].tolist() == [255, 255]
     assert {_run_tag(p) for p in paths.values()} == {"run-1"}
     assert sorted(os.listdir(tmp_path)) == ["m.png", "m.tif", "m_labels.tif"]  # no temp left
+
+
+def test_a_map_writer_that_fails_to_open_its_files_leaves_no_temp_folder(tmp_path, monkeypatch):
+    opened = []
+    real_open = map_writer.rasterio.open
+
+    def open_once(path, *args, **kwargs):  # the labels file cannot be created
+        if opened:
+            raise rasterio.errors.RasterioIOError("disk full")
+        opened.append(real_open(path, *args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(map_writer.rasterio, "open", open_once)
+    with pytest.raises(rasterio.errors.RasterioIOError, match="disk full"):
+        _write_run(str(tmp_path / "m.tif"), "r")
+    assert opened[0].closed and os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("kill_after", [0, 1, 2])
@@ -762,6 +792,13 @@ def test_s2_units_check_on_arrays():
     zeros[:, :400] = 0  # S2 fill: not counted
     assert input_units.s2_scale(zeros, spec, "a.tif", is_float=False) == 1.0
     assert input_units.s2_scale(x / 1e4, {**spec, "units": "other"}, "a", is_float=True) == 1.0
+    # A weight file's preset (value / 10000: mean 0, std 10000) is no brightness reference: the
+    # check uses a typical brightest band instead, so a real scene passes and 8-bit is refused.
+    preset = {**spec, "mean": [0.0, 0.0], "std": [10000.0, 10000.0], "norm": "ssl4eo_s2_l1c"}
+    assert input_units.s2_scale(x, preset, "a.tif", is_float=False) == 1.0
+    with pytest.raises(ValueError, match=r"a\.tif: even its brightest band B08 stays below .*"
+                       r"typically about 2500"):
+        input_units.s2_scale(x / 20, preset, "a.tif", is_float=False)
 
 
 @pytest.mark.parametrize("value,key", [(0.0, r"inputs\.s2\.std\[3\] \(B05\) is 0\.0"),

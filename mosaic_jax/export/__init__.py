@@ -130,6 +130,18 @@ def load_embedder(export_dir: str | os.PathLike[str]
     return embed
 
 
+def untrained_absence_note(info: dict[str, Any], missing: str) -> str:
+    """A warning line when a two-tower export runs with the modality ``missing`` ("s1" or
+    "s2") absent although it was trained with both always present (``model.modality_dropout``
+    0): its fused outputs then come from inputs it never learned from. "" otherwise."""
+    model = info.get("model", {})
+    if model.get("kind") != "two_tower" or model.get("modality_dropout", 0):
+        return ""
+    return (f"warning: {missing.upper()} is missing, but this model was trained with both "
+            "modalities (model.modality_dropout=0): its outputs from one modality are "
+            "untested; train with modality dropout for missing data")
+
+
 def _used_modalities(export_dir: str | os.PathLike[str]) -> set[str]:
     """The modalities the exported model reads (``model.json``; both when it does not say)."""
     try:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data_builders import atomic_files, cli, console
 from mosaic_jax.data import input_pipeline
-from mosaic_jax.export import load_embedder, load_model_info
+from mosaic_jax.export import load_embedder, load_model_info, untrained_absence_note
 
 
 def export_norm_stats(info: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -66,6 +66,9 @@ def embed_split(export_dir: str, *, split: str, data_dir: str, dataset: str | No
     if only not in (None, "s1", "s2"):
         raise ValueError(f"only must be 's1', 's2' or None, got {only!r}")
     embed = load_embedder(export_dir)
+    note = untrained_absence_note(info, "s2" if only == "s1" else "s1") if only else ""
+    if note:
+        print(note, flush=True)
     source = input_pipeline.open_source(name, split, os.path.expanduser(data_dir))
     n = len(source)
     ds = input_pipeline.make_eval_dataset(

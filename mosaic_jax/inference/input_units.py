@@ -1,9 +1,10 @@
 """Are a scene's values in the units the export was trained on? Cheap checks of a sample of the
 scene's rows against ``model.json["inputs"]`` (bands, mean, std, units), before any mapping.
 
-A model normalises its input as ``(x - mean) / std`` with BigEarthNet's statistics in fixed
-units (S1 backscatter in dB; S2 reflectance x 10000). A scene in other units still runs through
-the model and gives a plausible-looking but wrong map, so the units are checked here:
+A model normalises its input as ``(x - mean) / std`` (the dataset's statistics, or a weight
+file's preset) in fixed units (S1 backscatter in dB; S2 reflectance x 10000). A scene in other
+units still runs through the model and gives a plausible-looking but wrong map, so the units are
+checked here:
 
 - S1 in linear power (never negative) instead of dB (almost all negative): `s1_units`;
 - S2 as reflectance in 0..1 (float) instead of x 10000: unambiguous, converted (`s2_scale`);
@@ -31,6 +32,10 @@ S2_FRACTION_MAX = 2.0
 bright snow and cloud reach ~1.5), not reflectance x 10000 (where 2 means 0.02 %)."""
 S2_FRACTION_FACTOR = 10000.0
 S2_RANGE_FACTOR = 10.0
+# The brightest band's typical value in reflectance x 10000 (0.25: near-infrared over
+# vegetation): the range check's reference when model.json's mean is not the dataset's (a
+# weight file's preset, e.g. mean 0 and std 10000 for value / 10000).
+S2_TYPICAL_BRIGHTEST = 2500.0
 """S2 whose brightest band's 99th percentile is below ``1 / S2_RANGE_FACTOR`` of the model's
 largest band mean (or whose darkest band's 1st percentile is above that mean times this factor)
 is in other units: a real scene in reflectance x 10000 has near-infrared values in the
@@ -111,16 +116,22 @@ def s2_scale(sample: np.ndarray, spec: Mapping[str, Any], path: str, *, is_float
         return S2_FRACTION_FACTOR
     ref = int(np.argmax(mean))  # the band the model expects brightest
     top = int(np.argmax(high))
-    expects = (f"the model expects {units} (model.json inputs.s2: band {bands[ref]} has mean "
-               f"{mean[ref]:.0f}, std {std[ref]:.0f})")
-    if high[top] < mean[ref] / S2_RANGE_FACTOR:
+    if spec.get("norm", "dataset") == "dataset":
+        bright = float(mean[ref])
+        expects = (f"the model expects {units} (model.json inputs.s2: band {bands[ref]} has "
+                   f"mean {mean[ref]:.0f}, std {std[ref]:.0f})")
+    else:
+        bright = S2_TYPICAL_BRIGHTEST
+        expects = (f"the model expects {units} (brightest band typically about "
+                   f"{bright:.0f})")
+    if high[top] < bright / S2_RANGE_FACTOR:
         hint = (" (a scaled 8-bit picture?)" if high[top] <= 255 else "")
         raise ValueError(
             f"S2 file {path}: even its brightest band {bands[top]} stays below "
             f"{high[top]:.4g} (99th percentile of the sampled rows){hint}; {expects}. Give the "
             f"S2 bands in {units}")
     bottom = int(np.argmin(low))
-    if low[bottom] > mean[ref] * S2_RANGE_FACTOR:
+    if low[bottom] > bright * S2_RANGE_FACTOR:
         raise ValueError(
             f"S2 file {path}: even its darkest band {bands[bottom]} stays above "
             f"{low[bottom]:.4g} (1st percentile of the sampled rows); {expects}. Give the S2 "

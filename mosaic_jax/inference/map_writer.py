@@ -182,14 +182,18 @@ class MapWriter:
         kinds = [("probs", "float32", np.nan)]
         if labels_threshold is not None:
             kinds.append(("labels", "uint8", LABEL_NODATA))
-        for name, dtype, nodata in kinds:
-            f = rasterio.open(os.path.join(self.folder, f"{name}.tif"), "w",
-                              count=len(class_names), dtype=dtype, nodata=nodata,
-                              **{**profile, "compress": "deflate", "tiled": False,
-                                 "blockysize": max(1, min(16, profile["height"]))})
-            f.descriptions = tuple(class_names)
-            f.update_tags(**{RUN_TAG: run_id})
-            self._files[name] = f
+        try:
+            for name, dtype, nodata in kinds:
+                f = rasterio.open(os.path.join(self.folder, f"{name}.tif"), "w",
+                                  count=len(class_names), dtype=dtype, nodata=nodata,
+                                  **{**profile, "compress": "deflate", "tiled": False,
+                                     "blockysize": max(1, min(16, profile["height"]))})
+                self._files[name] = f
+                f.descriptions = tuple(class_names)
+                f.update_tags(**{RUN_TAG: run_id})
+        except BaseException:  # no __exit__ runs for a constructor that raised
+            self.__exit__()
+            raise
 
     def __enter__(self) -> MapWriter:
         return self

@@ -59,7 +59,12 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from data_builders import cli
-from mosaic_jax.export import MODEL_FILE, load_embedder, load_model_info
+from mosaic_jax.export import (
+    MODEL_FILE,
+    load_embedder,
+    load_model_info,
+    untrained_absence_note,
+)
 from mosaic_jax.inference import input_units, map_accuracy, scene_windows
 from mosaic_jax.inference.input_units import s1_units
 from mosaic_jax.inference.map_writer import MapWriter, check_outputs_spare_inputs, output_paths
@@ -453,6 +458,9 @@ def predict_scene(export_dir: str, s1_path: str | None, s2_path: str | None, out
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
     alone = ("" if s1_path and s2_path else
              "from S1 alone (S2 missing)" if s1_path else "from S2 alone (S1 missing)")
+    note = untrained_absence_note(info, "s2" if s1_path else "s1") if alone else ""
+    if note:
+        log(note)
     with contextlib.ExitStack() as stack:
         scene = open_inputs(stack, spec, s1_path, s2_path, grid_mismatch=grid_mismatch,
                             s1_linear=s1_linear, log=log)

@@ -83,8 +83,9 @@ class SceneReader:
         x2 = np.moveaxis(self.s2.read(self.s2_bands, window=window), 0, -1)
         if self.s1_linear:
             x1 = to_db(x1)
-        valid = scene_windows.valid_pixels(x1, x2, s1_nodata=self.s1_nodata,
-                                           s2_nodata=self.s2_nodata)
+        valid = scene_windows.valid_pixels(
+            x1, x2, s1_nodata=self.s1_nodata, s2_nodata=self.s2_nodata,
+            s2_zero_fill=not isinstance(self.s2, AbsentModality))  # a preset's means may be 0
         x1 = x1.astype(np.float32, copy=False)
         x2 = x2.astype(np.float32)
         if self.s2_scale != 1.0:

@@ -60,15 +60,17 @@ def covered_cells(offsets: np.ndarray, size: int, length: int, stride: int
 
 
 def valid_pixels(s1: np.ndarray, s2: np.ndarray, *, s1_nodata: float | None = None,
-                 s2_nodata: float | None = None) -> np.ndarray:
+                 s2_nodata: float | None = None, s2_zero_fill: bool = True) -> np.ndarray:
     """bool [h, w]: pixels with data in both modalities.
 
     ``s1`` [h, w, c1] and ``s2`` [h, w, c2] in file units. A pixel is invalid when any band is
-    NaN or infinite, when S2 is zero in every band (Sentinel-2's no-data fill), or when every
-    band of a modality equals that file's nodata value.
+    NaN or infinite, when S2 is zero in every band (Sentinel-2's no-data fill; not applied with
+    ``s2_zero_fill=False``, e.g. for a stand-in of a missing S2), or when every band of a
+    modality equals that file's nodata value.
     """
     valid = np.isfinite(s1).all(axis=-1) & np.isfinite(s2).all(axis=-1)
-    valid &= (s2 != 0).any(axis=-1)
+    if s2_zero_fill:
+        valid &= (s2 != 0).any(axis=-1)
     for x, nodata in ((s1, s1_nodata), (s2, s2_nodata)):
         if nodata is not None and not np.isnan(nodata):
             valid &= (x != nodata).any(axis=-1)

@@ -302,7 +302,7 @@ def import_tower(tower: TowerInit, tensors: Mapping[str, np.ndarray],
                 tensors, params_like, architecture=tower.encoder), None
     except ValueError as e:
         raise ValueError(f"config key '{tower.key}': {tower.path}: {e}") from None
-    ignored = sorted(set(tensors) - _used_names(family, params, stats, tensors))
+    ignored = sorted(set(tensors) - _used_names(family, tensors))
     record = {"key": tower.key, "file": tower.path, "encoder": tower.encoder,
               "module": tower.module, "tensors": len(tensors) - len(ignored),
               "ignored": ignored, "file_bands": list(tower.file_bands),
@@ -312,7 +312,7 @@ def import_tower(tower: TowerInit, tensors: Mapping[str, np.ndarray],
     return params, stats, record
 
 
-def _used_names(family: str, params: Any, stats: Any, tensors: Mapping[str, Any]) -> set[str]:
+def _used_names(family: str, tensors: Mapping[str, Any]) -> set[str]:
     """Names of `tensors` an import read (all but counters and classifier)."""
     skip = (("fc.weight", "fc.bias") if family == "resnet" else ("head.fc.weight", "head.fc.bias"))
     return {n for n in tensors if n not in skip and not n.endswith(".num_batches_tracked")}

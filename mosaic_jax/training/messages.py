@@ -40,3 +40,8 @@ def progress_line(step: int, total: int, loss: float, steps_per_sec: float | Non
         line += (f", {steps_per_sec:.2f} steps/s ({steps_per_sec * batch_size:.0f} patches/s)"
                  f", ETA {_duration((total - step) / steps_per_sec)}")
     return line
+
+
+def parameters_line(count: int, nbytes: int, path: str) -> str:
+    """The run's one line on its model size; the table itself is in the file `path`."""
+    return f"Model: {count:,} parameters ({nbytes / 1e6:.1f} MB); table in {path}"

@@ -530,8 +530,13 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str,
         if is_chief:
             print(messages.init_from_line(config.init_from, checkpoints.latest_step(
                 config.init_from), config.train_mode), flush=True)
-    if is_chief:  # the parameter table the Flax examples log at start (names, shapes, sizes)
-        parameter_overview.log_parameter_overview(state.params, include_stats=False)
+    if is_chief:  # the Flax examples' parameter table, in the workdir rather than the console
+        path = os.path.join(workdir, workdir_files.PARAMETERS_FILE)
+        atomic_files.write_atomic(path, parameter_overview.get_parameter_overview(
+            state.params, include_stats=False) + "\n")
+        print(messages.parameters_line(
+            parameter_overview.count_parameters(state.params),
+            sum(x.nbytes for x in jax.tree.leaves(state.params)), path), flush=True)
     fusion_line = fusion_parameter_line(config.model, state.params)
     if is_chief and fusion_line:
         print(fusion_line, flush=True)

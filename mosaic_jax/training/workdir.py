@@ -5,6 +5,7 @@ A workdir written by `mosaic_jax.training.train.train_and_evaluate` holds
 - ``config.json``: the run's config (`CONFIG_FILE`; written by `checkpoints.write_config`);
 - ``metrics_<split>.json`` and ``metrics_<split>.md``: the last evaluation of ``split``;
 - ``eval_history.jsonl``: one JSON line per evaluation;
+- ``parameters.txt``: the model's parameter table (names, shapes, sizes; `PARAMETERS_FILE`);
 - ``tsne_<split>.png``: the t-SNE picture of the last evaluation (when one was drawn);
 - ``checkpoints/<step>/``: the Orbax checkpoints (`mosaic_jax.training.checkpoints`).
 
@@ -32,6 +33,7 @@ from mosaic_jax import objectives
 
 CONFIG_FILE = "config.json"
 EVAL_HISTORY_FILE = "eval_history.jsonl"
+PARAMETERS_FILE = "parameters.txt"
 _METRICS_PREFIX, _METRICS_SUFFIX = "metrics_", ".json"
 
 # config.train_mode -> how reports and console lines call the downstream protocol.
