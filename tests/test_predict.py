@@ -83,13 +83,18 @@ def test_covered_cells_match_the_cell_centre_rule(length, size, stride):
     assert (seen > 0).all()  # every cell has a window
 
 
+def _windows_and_cells(h, w, size, stride):
+    """Window offsets along rows and columns and the output cells each window covers."""
+    rows = scene_windows.window_offsets(h, size, stride)
+    cols = scene_windows.window_offsets(w, size, stride)
+    return (rows, cols, scene_windows.covered_cells(rows, size, h, stride),
+            scene_windows.covered_cells(cols, size, w, stride))
+
+
 def test_accumulate_and_blend_equal_a_per_cell_mean():
     rng = np.random.default_rng(0)
     h, w, size, stride, c = 250, 370, 120, 60, 3
-    rows = scene_windows.window_offsets(h, size, stride)
-    cols = scene_windows.window_offsets(w, size, stride)
-    rlo, rhi = scene_windows.covered_cells(rows, size, h, stride)
-    clo, chi = scene_windows.covered_cells(cols, size, w, stride)
+    rows, cols, (rlo, rhi), (clo, chi) = _windows_and_cells(h, w, size, stride)
     grid = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
     probs = rng.uniform(size=(len(grid), c))
     keep = rng.uniform(size=len(grid)) > 0.3  # skipped windows
@@ -541,10 +546,7 @@ def test_quicklook_classes_keep_their_commas(tiny, scenes, tmp_path, capsys, mon
 def test_row_accumulator_pops_the_blend_of_all_windows_row_by_row():
     rng = np.random.default_rng(4)
     h, w, size, stride, c = 370, 250, 120, 50, 3
-    rows = scene_windows.window_offsets(h, size, stride)
-    cols = scene_windows.window_offsets(w, size, stride)
-    rlo, rhi = scene_windows.covered_cells(rows, size, h, stride)
-    clo, chi = scene_windows.covered_cells(cols, size, w, stride)
+    rows, cols, (rlo, rhi), (clo, chi) = _windows_and_cells(h, w, size, stride)
     oh, ow = scene_windows.output_length(h, stride), scene_windows.output_length(w, stride)
     probs = rng.uniform(size=(len(rows), len(cols), c))
     keep = rng.uniform(size=(len(rows), len(cols))) > 0.4
