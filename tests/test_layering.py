@@ -1,7 +1,8 @@
 """The layering rule, checked on the source with `ast`: `data_builders` (the lower layer) imports
 nothing from `mosaic_jax`, and no two `mosaic_jax` modules import each other, directly or
 through others, at module level (imports inside functions are how optional, heavy or upward
-dependencies are deferred, and are not counted)."""
+dependencies are deferred, and are not counted); and no function of either package is over
+80 lines."""
 
 import ast
 import pathlib
@@ -95,3 +96,19 @@ def test_no_import_cycle_among_mosaic_jax_modules():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_over_80_lines_in_the_packages():
+    """Long functions hide their steps; a new one over the limit is split, not grandfathered."""
+    long = []
+    for package in ("mosaic_jax", "data_builders"):
+        for name, path in _sources(package).items():
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, long

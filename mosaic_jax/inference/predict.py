@@ -245,6 +245,11 @@ class WindowGrid:
                    scene_windows.output_length(height, stride),
                    scene_windows.output_length(width, stride))
 
+    def profile(self, like: Any, stride: int) -> dict[str, Any]:
+        """rasterio profile of the output map: the grid of `like` (the S2 file) at `stride`."""
+        return dict(driver="GTiff", width=self.out_w, height=self.out_h, crs=like.crs,
+                    transform=like.transform @ like.transform.scale(stride, stride))
+
     def complete_rows(self, open_band: int) -> int:
         """Output rows before this one are final once every window of the bands before
         ``open_band`` is accumulated (no later window reaches them)."""
@@ -385,23 +390,43 @@ def window_pass(scene: SceneInputs, grid: WindowGrid, embed: Callable[..., Any],
 
 def _check_files(export_dir: str, info: dict[str, Any], inputs: dict[str, str | None],
                  output: str) -> None:
-    """Before any work: model.json's normalisation is usable, and no output is an input."""
+    """Before any work: a scene to map, model.json's normalisation usable, no output that is
+    an input."""
+    if inputs["--s1"] is None and inputs["--s2"] is None:
+        raise ValueError("give --s1, --s2 or both")
     input_units.check_normalisation(info, os.path.join(export_dir, MODEL_FILE))
     check_outputs_spare_inputs({k: v for k, v in inputs.items() if v}, output_paths(output))
 
 
 def _embedder(export_dir: str, info: dict[str, Any], s1_path: str | None,
-              s2_path: str | None) -> Callable[..., Any]:
+              s2_path: str | None, log: Callable[[str], None]) -> Callable[..., Any]:
     """The export's embedder (`load_embedder` refuses a diverged model). With a modality
     missing, ``embed(s1, s2)`` passes None for it, and is tried once on zeros so that an export
-    that cannot take a missing modality fails before any work."""
+    that cannot take a missing modality fails before any work; a model trained without
+    modality dropout is warned about (`untrained_absence_note`)."""
     embed = load_embedder(export_dir)
     if s1_path and s2_path:
         return embed
+    note = untrained_absence_note(info, "s2" if s1_path else "s1")
+    if note:
+        log(note)
     size = int(info["input_size"])
     embed(*(np.zeros((1, size, size, len(info["inputs"][m]["bands"])), np.float32)
             if path else None for m, path in (("s1", s1_path), ("s2", s2_path))))
     return lambda s1, s2: embed(s1 if s1_path else None, s2 if s2_path else None)
+
+
+def _missing_text(s1_path: str | None, s2_path: str | None) -> str:
+    """"" with both modalities, else what the map is made from (the summary, the quick look)."""
+    if s1_path and s2_path:
+        return ""
+    return "from S1 alone (S2 missing)" if s1_path else "from S2 alone (S1 missing)"
+
+
+def _scene_name(s1_path: str | None, s2_path: str | None, alone: str) -> str:
+    """The quick look's scene: the files' names, and what is missing."""
+    files = " + ".join(os.path.basename(p) for p in (s2_path, s1_path) if p)
+    return f"{files} ({alone})" if alone else files
 
 
 def _export_name(export_dir: str, info: dict[str, Any]) -> str:
@@ -420,11 +445,9 @@ def predict_scene(export_dir: str, s1_path: str | None, s2_path: str | None, out
 
     Args:
       export_dir: folder written by ``python -m mosaic_jax export``.
-      s1_path, s2_path: the scene's GeoTIFFs (local or ``gs://``); one may be None (a map from
-        the other modality alone, which the quick look's title says; the export must accept a
-        missing modality, see `mosaic_jax.export.load_embedder`).
-      output: probability map path (``.tif``; local or ``gs://``); none of its files may be an
-        input.
+      s1_path, s2_path: the scene's GeoTIFFs (local or ``gs://``); one may be None: a map from
+        the other modality alone (`mosaic_jax.export.load_embedder` with None).
+      output: probability map path (``.tif``; local or ``gs://``), none of its files an input.
       stride: window step in input pixels, 1..patch size (default: half the patch size).
       batch_size: windows per embedder call (the last batch is padded).
       min_valid: windows with a smaller share of valid pixels are skipped (0..1).
@@ -436,10 +459,9 @@ def predict_scene(export_dir: str, s1_path: str | None, s2_path: str | None, out
       reference: a reference class-index GeoTIFF on the S2 grid (`data_builders.fake_scene`):
         the summary gets the map's per-class AP against it (`map_accuracy.evaluate_map`).
 
-    Returns a summary: paths, grid, window counts, km^2, seconds per stage (``loop``: the
-    windows' pass after the one compile; ``read``: waiting for the reader thread, which reads
-    and converts one band of rows ahead; ``host_share``: read + prepare + blend/write over
-    ``loop``).
+    Returns a summary: paths, grid, window counts, km^2, seconds per stage (``loop``: the pass
+    after the one compile; ``read``: waiting for the read-ahead thread; ``host_share``: read +
+    prepare + blend/write over ``loop``).
     """
     t_start = time.perf_counter()
     info = load_model_info(export_dir)
@@ -448,30 +470,22 @@ def predict_scene(export_dir: str, s1_path: str | None, s2_path: str | None, out
     class_names = list(info["class_names"])
     check_arguments(size, stride, batch_size, min_valid, labels_threshold, grid_mismatch,
                     class_names, quicklook_classes)
-    if s1_path is None and s2_path is None:
-        raise ValueError("give --s1, --s2 or both")
-    s1_linear = s1_linear and s1_path is not None
     _check_files(export_dir, info, {"--s1": s1_path, "--s2": s2_path, "--reference": reference},
                  output)
-    embed = _embedder(export_dir, info, s1_path, s2_path)
+    s1_linear = s1_linear and s1_path is not None
+    embed = _embedder(export_dir, info, s1_path, s2_path, log)
     spec = {m: info["inputs"][m] for m in ("s1", "s2")}
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
-    alone = ("" if s1_path and s2_path else
-             "from S1 alone (S2 missing)" if s1_path else "from S2 alone (S1 missing)")
-    note = untrained_absence_note(info, "s2" if s1_path else "s1") if alone else ""
-    if note:
-        log(note)
+    alone = _missing_text(s1_path, s2_path)
     with contextlib.ExitStack() as stack:
         scene = open_inputs(stack, spec, s1_path, s2_path, grid_mismatch=grid_mismatch,
                             s1_linear=s1_linear, log=log)
         height, width = scene.s2.height, scene.s2.width
-        grid = WindowGrid.of_scene(height, width, size, stride,
-                                   name=f"S2 scene {s2_path}" if s2_path else
-                                   f"S1 scene {s1_path}")
+        grid = WindowGrid.of_scene(height, width, size, stride, name=(
+            f"S2 scene {s2_path}" if s2_path else f"S1 scene {s1_path}"))
         total = len(grid.rows) * len(grid.cols)
-        profile = dict(driver="GTiff", width=grid.out_w, height=grid.out_h, crs=scene.s2.crs,
-                       transform=scene.s2.transform @ scene.s2.transform.scale(stride, stride))
-        writer = stack.enter_context(MapWriter(output, profile, class_names, log=log,
+        writer = stack.enter_context(MapWriter(output, grid.profile(scene.s2, stride),
+                                               class_names, log=log,
                                                labels_threshold=labels_threshold, run_id=run_id))
         pipeline, timing = window_pass(scene, grid, embed, writer, spec, size=size,
                                        batch_size=batch_size, min_valid=min_valid,
@@ -479,8 +493,7 @@ def predict_scene(export_dir: str, s1_path: str | None, s2_path: str | None, out
         t = time.perf_counter()
         mean = writer.mean_probability()
         chosen = list(quicklook_classes or [class_names[i] for i in np.argsort(-mean)[:3]])
-        files = " + ".join(os.path.basename(p) for p in (s2_path, s1_path) if p)
-        title = title_lines(f"{files} ({alone})" if alone else files,
+        title = title_lines(_scene_name(s1_path, s2_path, alone),
                             _export_name(export_dir, info), quicklook_note)
         paths = writer.finish(functools.partial(
             write_quicklook, classes=chosen, class_names=class_names, title=title,
