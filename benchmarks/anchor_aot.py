@@ -157,7 +157,8 @@ def lower_augment(devices: list, global_batch: int, image_px: int,
     from mosaic_jax.training import aot, train
 
     config = iai_simclr.get_config()
-    _apply(config, {"augment.out_size": image_px, "batch_size": global_batch, **overrides})
+    _apply(config, {"augment.out_size": image_px, "batch_size": global_batch,
+                    "model.dtype": "bfloat16", **overrides})  # as `lower_ours`
     mesh = train.make_mesh(devices)
     aug = train.augment_config(config)
     num_views = 3 if config.loss.inter_view == "third" else 2
@@ -166,7 +167,8 @@ def lower_augment(devices: list, global_batch: int, image_px: int,
         n = batch["s1"].shape[0]
         first = jax.lax.axis_index(train.DATA_AXIS) * n
         keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, first + jnp.arange(n))
-        return augment.paired_views(keys, batch["s1"], batch["s2"], aug, num_views)
+        return augment.paired_views(keys, batch["s1"], batch["s2"], aug, num_views,
+                                    compute_dtype=train.view_dtype(config))
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(train.DATA_AXIS)),
                             out_specs=P(None, train.DATA_AXIS))

@@ -96,6 +96,22 @@ def test_shapes_dtypes_jit():
         A.paired_views(jax.random.key(0), jnp.asarray(s1), jnp.asarray(s2), cfg)
 
 
+def test_bfloat16_compute_gives_the_float32_views_rounded():
+    """A bfloat16 model's views (compute_dtype): the same transforms and jitter as float32,
+    within bfloat16's rounding of a few operations (8 significant bits)."""
+    cfg = A.AugmentConfig(out_size=12, sar_std_db=(5.0, 4.0), sar_offset_db=1.0)
+    rng = np.random.default_rng(0)
+    s1 = jnp.asarray(rng.normal(size=(4, H, H, 2)), jnp.float32)
+    s2 = jnp.asarray(rng.normal(size=(4, H, H, 5)), jnp.float32)
+    want = A.paired_views(keys(3, 4), s1, s2, cfg, 3)
+    got = A.paired_views(keys(3, 4), s1, s2, cfg, 3, compute_dtype=jnp.bfloat16)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == jnp.bfloat16 and g.shape == w.shape
+        err = np.abs(np.asarray(g, np.float32) - np.asarray(w))
+        assert err.max() < 0.06 * max(1.0, float(np.abs(np.asarray(w)).max()))
+        assert err.mean() < 0.01  # rounding, not another transform
+
+
 @pytest.mark.parametrize("cfg,num_views,dtype", [
     (A.AugmentConfig(out_size=8, sar_std_db=(5.0, 4.0), sar_offset_db=1.0), 3, jnp.float32),
     (A.AugmentConfig(out_size=12, share_spatial=False), 2, jnp.bfloat16),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -296,9 +297,10 @@ def _out_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_views"))
+@functools.partial(jax.jit, static_argnames=("cfg", "num_views", "compute_dtype"))
 def paired_views(
-    keys: jax.Array, s1: jax.Array, s2: jax.Array, cfg: AugmentConfig, num_views: int = 2
+    keys: jax.Array, s1: jax.Array, s2: jax.Array, cfg: AugmentConfig, num_views: int = 2,
+    compute_dtype: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`num_views` independently augmented views of a batch of co-registered S1/S2 pairs.
 
@@ -308,9 +310,13 @@ def paired_views(
         H, W may differ between modalities: the crop box is shared in relative coordinates).
       cfg: AugmentConfig (static).
       num_views: V >= 1 (static).
+      compute_dtype: dtype of the image arithmetic and of the views (static). None: float32
+        (float64 for float64 inputs), views in the input dtypes. A bfloat16 model passes
+        bfloat16: it reads the views in bfloat16 anyway, and on TPU the float32 interpolation
+        at full precision costs several times the memory traffic (benchmarks/RESULTS.md).
 
     Returns:
-      (s1 views [V, B, out, out, c1], s2 views [V, B, out, out, c2]) in the input dtypes. With
+      (s1 views [V, B, out, out, c1], s2 views [V, B, out, out, c2]). With
       `cfg.share_spatial`, the S1 and S2 of one view share one crop/flip/rotation per sample;
       every sample and view draws its own transform.
     """
@@ -323,9 +329,12 @@ def paired_views(
                          f"s1 {s1.shape}")
     if num_views < 1:
         raise ValueError(f"num_views must be >= 1, got {num_views}")
-    d1, d2 = _out_dtype(s1.dtype), _out_dtype(s2.dtype)
-    s1c = s1.astype(_compute_dtype(s1.dtype))
-    s2c = s2.astype(_compute_dtype(s2.dtype))
+    if compute_dtype is None:
+        d1, d2 = _out_dtype(s1.dtype), _out_dtype(s2.dtype)
+        s1c, s2c = s1.astype(_compute_dtype(s1.dtype)), s2.astype(_compute_dtype(s2.dtype))
+    else:
+        d1 = d2 = jnp.dtype(compute_dtype)
+        s1c, s2c = s1.astype(d1), s2.astype(d2)
     num_u = _num_uniforms(cfg, s2.shape[-1])
 
     def per_sample(key, a, b):  # -> [V, o, o, c1], [V, o, o, c2]

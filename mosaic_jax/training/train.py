@@ -209,6 +209,13 @@ def augment_config(config: ml_collections.ConfigDict) -> augment.AugmentConfig:
     return augment.AugmentConfig(**config.augment, sar_std_db=tuple(float(x) for x in std))
 
 
+def view_dtype(config: ml_collections.ConfigDict) -> Any:
+    """The dtype the augmentation computes the views in: bfloat16 for a bfloat16 model (it
+    reads them in bfloat16; float32 interpolation costs TPUs several times the HBM traffic,
+    benchmarks/RESULTS.md), else None (float32, `augment.paired_views`' default)."""
+    return jnp.bfloat16 if config.model.dtype == "bfloat16" else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Steps
 
@@ -277,6 +284,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     schedule = learning_rate_schedule(config)
     sync_bn = config.model.sync_bn
     num_views = 3 if config.loss.inter_view == "third" else 2
+    views_in = view_dtype(config)
 
     def per_device(state: TrainState, batch: Batch):
         step_rng = jax.random.fold_in(state.rng, state.step)
@@ -285,7 +293,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         # One key per global sample index: the views do not depend on the device count.
         first = jax.lax.axis_index(DATA_AXIS) * n
         keys = jax.vmap(jax.random.fold_in, (None, 0))(aug_rng, first + jnp.arange(n))
-        v1, v2 = augment.paired_views(keys, batch["s1"], batch["s2"], aug, num_views)
+        v1, v2 = augment.paired_views(keys, batch["s1"], batch["s2"], aug, num_views,
+                                      compute_dtype=views_in)
         drop_rng = jax.random.fold_in(drop_rng, jax.lax.axis_index(DATA_AXIS))
         # All views in one forward pass: [V * n, ...], view-major.
         s1 = v1.reshape(num_views * n, *v1.shape[2:])
