@@ -23,7 +23,11 @@ not. This rehearsal times the real builder on it and on synthetic patches in the
   host cores an accelerator consuming `--accelerator_rate` samples/s would need. The two views
   are drawn on the device from one host sample, so one host sample feeds both views.
 
-    python -m benchmarks.bigearthnet_scale --part plan|prepare|read|all \
+- `resume`: a tiny model trained on the prepared data (10 % protocol) is stopped with SIGTERM
+  after a few steps and started again: the time to the first step of each start, the step it
+  resumed at, and the patch_id scan timed alone (extrapolated to the full train split).
+
+    python -m benchmarks.bigearthnet_scale --part plan|prepare|read|resume|all \
         --metadata_dir DIR --work_dir /tmp/scale [--num_patches 50000] [--workers 0 2]
 
 JSON: `--output` (default benchmarks/results/bigearthnet_scale.json), rewritten after each part.
@@ -45,6 +49,8 @@ from benchmarks.common import RESULTS_DIR, machine_info, write_json
 from data_builders import cli
 
 FULL_SIZE = 549_488
+FULL_TRAIN_RECORDS = 237_871  # the train split of BigEarthNet v2 (metadata.parquet)
+REPO = Path(__file__).resolve().parents[1]
 TARGET_CORES = 16
 PLAN_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
@@ -283,9 +289,64 @@ def part_read(data_dir: Path, batch_size: int, num_batches: int, accelerator_rat
     return out
 
 
+RESUME_FLAGS = ("--config.data.demo=False", "--config.data.train_fraction=0.1",
+                "--config.batch_size=32", "--config.num_train_steps=100000",
+                "--config.log_every_steps=1", "--config.eval_every_steps=0",
+                "--config.checkpoint_every_steps=100000", "--config.tsne_points=0",
+                "--config.augment.out_size=32", "--config.model.width_multiplier=0.125",
+                "--config.model.proj_hidden_dim=32", "--config.model.proj_dim=16")
+
+
+def _run_until(argv: list[str], steps: int) -> dict[str, Any]:
+    """Starts a training process, times its first progress line, SIGTERMs it after `steps`
+    progress lines and waits for it to save and exit: seconds and the steps it printed."""
+    import signal
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    first, seen = None, []
+    for line in proc.stdout:
+        if line.startswith("step ") and "loss" in line:
+            first = first or time.perf_counter() - t0
+            seen.append(int(line.split()[1].split("/")[0]))
+            if len(seen) == steps:
+                proc.send_signal(signal.SIGTERM)
+        elif "Preempted" in line or line.startswith("error:"):
+            print(line.rstrip(), flush=True)
+    proc.wait()
+    return {"first_step_s": first, "steps": seen, "returncode": proc.returncode,
+            "total_s": time.perf_counter() - t0}
+
+
+def part_resume(data_dir: Path, work: Path, steps: int = 5) -> dict[str, Any]:
+    """A tiny model trained on the prepared data with the 10 % protocol: started, stopped with
+    SIGTERM after `steps` steps (a checkpoint with the input position), started again; the
+    time to the first step of each start, and the patch_id scan (the part of a start that grows
+    with the train split) timed alone."""
+    from mosaic_jax.data import input_pipeline as ip
+
+    workdir = work / "resume_run"
+    shutil.rmtree(workdir, ignore_errors=True)
+    argv = [sys.executable, "-m", "mosaic_jax.main", "--config=configs/mosaic1.py",
+            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *RESUME_FLAGS]
+    first = _run_until(argv, steps)
+    again = _run_until(argv, 1)
+    source = ip.open_source("bigearthnet_v2", "train", os.fspath(data_dir))
+    w0, c0 = time.perf_counter(), time.process_time()
+    ids = ip.read_patch_ids(source)
+    scan_wall, scan_cpu = time.perf_counter() - w0, time.process_time() - c0
+    out = {"train_records": len(source), "first_start": first, "resumed_start": again,
+           "resumed_at_step": again["steps"][0] if again["steps"] else None,
+           "patch_id_scan_s": scan_wall, "patch_id_scan_cpu_s": scan_cpu,
+           "patch_id_scan_full_size_cpu_s": scan_cpu / len(ids) * FULL_TRAIN_RECORDS}
+    print(f"resume: {out}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.new_parser("python -m benchmarks.bigearthnet_scale", __doc__)
-    p.add_argument("--part", choices=("plan", "prepare", "read", "all", "plan_one",
+    p.add_argument("--part", choices=("plan", "prepare", "read", "resume", "all", "plan_one",
                                       "prepare_one"), default="all")
     p.add_argument("--metadata_dir", type=Path, help="the official metadata parquet files")
     p.add_argument("--work_dir", type=Path, default=Path("/tmp/bigearthnet_scale"))
@@ -323,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("read", "all"):
         payload["read"] = part_read(work / "tfds", args.batch_size, args.num_batches,
                                     args.accelerator_rate, args.read_workers)
+        write_json(args.output, payload)
+    if args.part in ("resume", "all"):
+        payload["resume"] = part_resume(work / "tfds", work)
         write_json(args.output, payload)
     print(f"wrote {args.output}")
     return 0
