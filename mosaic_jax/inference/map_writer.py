@@ -179,17 +179,24 @@ class MapWriter:
         self.class_sum = np.zeros(len(class_names))
         self.cells = 0
         self._files: dict[str, Any] = {}
+        try:
+            self._open_files(profile)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _open_files(self, profile: Mapping[str, Any]) -> None:
         kinds = [("probs", "float32", np.nan)]
-        if labels_threshold is not None:
+        if self.threshold is not None:
             kinds.append(("labels", "uint8", LABEL_NODATA))
         for name, dtype, nodata in kinds:
             f = rasterio.open(os.path.join(self.folder, f"{name}.tif"), "w",
-                              count=len(class_names), dtype=dtype, nodata=nodata,
+                              count=len(self.class_names), dtype=dtype, nodata=nodata,
                               **{**profile, "compress": "deflate", "tiled": False,
                                  "blockysize": max(1, min(16, profile["height"]))})
-            f.descriptions = tuple(class_names)
-            f.update_tags(**{RUN_TAG: run_id})
             self._files[name] = f
+            f.descriptions = tuple(self.class_names)
+            f.update_tags(**{RUN_TAG: self.run_id})
 
     def __enter__(self) -> MapWriter:
         return self
