@@ -83,6 +83,10 @@ def write_fake_scene(s1_path: str | os.PathLike[str], s2_path: str | os.PathLike
         raise ValueError(f"--height and --width must be >= 1, got {height} x {width}")
     if not 0 <= nodata_edge <= width:
         raise ValueError(f"--nodata_edge must be in [0, width={width}], got {nodata_edge}")
+    paths = [os.path.abspath(os.fspath(p)) for p in (s1_path, s2_path, reference_path) if p]
+    if len(set(paths)) < len(paths):
+        raise ValueError(f"--s1, --s2 and --reference must be three different files, got "
+                         f"{s1_path}, {s2_path}, {reference_path}")
     rng = np.random.default_rng(seed)
     transform = Affine(PIXEL_METRES, 0.0, ORIGIN[0], 0.0, -PIXEL_METRES, ORIGIN[1])
     common = dict(driver="GTiff", height=height, width=width, crs=f"EPSG:{EPSG}",

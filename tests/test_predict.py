@@ -745,6 +745,14 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tiny, scenes, tmp
             predict.predict_scene(export_dir, in1, in2, output, labels_threshold=0.5,
                                   progress=False)
     assert {p: _digest(work / p) for p in os.listdir(work)} == before
+    with pytest.raises(ValueError, match="--output gs://b/s2.tif would overwrite the --s2 "
+                                         "input /vsigs/b/s2.tif"):
+        map_writer.check_outputs_spare_inputs({"--s2": "/vsigs/b/s2.tif"},
+                                              map_writer.output_paths("gs://b/s2.tif"))
+    map_writer.check_outputs_spare_inputs({"--s2": "gs://b/s2.tif"},
+                                          map_writer.output_paths("gs://c/s2.tif"))
+    with pytest.raises(ValueError, match="must be three different files"):
+        write_fake_scene("s1.tif", "s2.tif", reference_path="./s1.tif")
 
 
 def test_s2_reflectance_in_0_to_1_is_converted_and_said(tiny, scenes, tmp_path):

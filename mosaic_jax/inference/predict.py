@@ -332,9 +332,10 @@ def _normalised(band: RowBand, spec: dict[str, Any]) -> tuple[np.ndarray, np.nda
 
 def map_windows(reader: SceneReader, grid: WindowGrid, pipeline: ModelPipeline,
                 writer: MapWriter, spec: dict[str, Any], *, size: int, min_valid: float,
-                bar: Any = None) -> dict[str, float]:
+                bar: Any = None, row_km2: float = 0.0) -> dict[str, float]:
     """The windows' pass: reads each band of rows, queues its windows with enough valid pixels,
-    writes the output rows no later window reaches. Returns seconds per host stage."""
+    writes the output rows no later window reaches. Returns seconds per host stage. ``bar``: a
+    tqdm bar advanced per window, its postfix the km^2 covered (``row_km2`` per pixel row)."""
     seconds = {"prepare": 0.0, "blend_write": 0.0}
 
     def flush(next_band: int) -> None:
@@ -357,6 +358,7 @@ def map_windows(reader: SceneReader, grid: WindowGrid, pipeline: ModelPipeline,
                           int(grid.col_cells[0][j]), int(grid.col_cells[1][j])))
         if bar is not None:
             bar.update(len(grid.cols))
+            bar.set_postfix(km2=f"{(int(grid.rows[k]) + size) * row_km2:,.1f}", refresh=False)
         flush(k + 1)
     pipeline.drain()
     flush(len(grid.rows))
@@ -381,7 +383,8 @@ def window_pass(scene: SceneInputs, grid: WindowGrid, embed: Callable[..., Any],
     with tqdm(total=total, unit="win", desc="mapping", disable=not progress,
               dynamic_ncols=True) as bar:
         host = map_windows(reader, grid, pipeline, writer, spec, size=size,
-                           min_valid=min_valid, bar=bar)
+                           min_valid=min_valid, bar=bar,
+                           row_km2=scene.s2.width * _pixel_km2(scene.s2))
     return pipeline, {"read": reader.wait_seconds, "prepare": host["prepare"],
                       "model": pipeline.model_seconds,
                       "blend_write": host["blend_write"] + pipeline.blend_seconds,
