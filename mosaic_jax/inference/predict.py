@@ -420,7 +420,8 @@ def _embedder(export_dir: str, info: dict[str, Any], s1_path: str | None,
 
 
 def _missing_text(s1_path: str | None, s2_path: str | None) -> str:
-    """"" with both modalities, else what the map is made from (the summary, the quick look)."""
+    """What a map from one modality is made from (the summary, the quick look); empty with
+    both modalities."""
     if s1_path and s2_path:
         return ""
     return "from S1 alone (S2 missing)" if s1_path else "from S2 alone (S1 missing)"
