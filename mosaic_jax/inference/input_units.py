@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from mosaic_jax.inference import scene_windows
+
 S1_LINEAR_SHARE = 0.95
 """S1 whose sampled values are >= 0 for more than this share looks like linear power."""
 S2_FRACTION_MAX = 2.0
@@ -91,9 +93,7 @@ def s2_valid_values(sample: np.ndarray, nodata: float | None) -> list[np.ndarray
     """Per band, the float64 values of ``sample`` [c, ...] at pixels with data: finite in every
     band, not zero in every band (Sentinel-2's fill) and not the file's nodata in every band."""
     x = np.asarray(sample, dtype=np.float64).reshape(sample.shape[0], -1)
-    keep = np.isfinite(x).all(axis=0) & (x != 0).any(axis=0)
-    if nodata is not None and not np.isnan(nodata):
-        keep &= (x != nodata).any(axis=0)
+    keep = scene_windows.has_data(x.T, nodata=nodata, zero_fill=True)
     return [band[keep] for band in x]
 
 

@@ -59,22 +59,26 @@ def covered_cells(offsets: np.ndarray, size: int, length: int, stride: int
     return lo.astype(np.int64), hi.astype(np.int64)
 
 
+def has_data(x: np.ndarray, *, nodata: float | None = None,
+             zero_fill: bool = False) -> np.ndarray:
+    """bool [...]: pixels of ``x`` [..., c] (file units) with data: finite in every band, not
+    the file's ``nodata`` value in every band and, with ``zero_fill``, not zero in every band
+    (Sentinel-2's no-data fill)."""
+    valid = np.isfinite(x).all(axis=-1)
+    if zero_fill:
+        valid &= (x != 0).any(axis=-1)
+    if nodata is not None and not np.isnan(nodata):
+        valid &= (x != nodata).any(axis=-1)
+    return valid
+
+
 def valid_pixels(s1: np.ndarray, s2: np.ndarray, *, s1_nodata: float | None = None,
                  s2_nodata: float | None = None, s2_zero_fill: bool = True) -> np.ndarray:
-    """bool [h, w]: pixels with data in both modalities.
-
-    ``s1`` [h, w, c1] and ``s2`` [h, w, c2] in file units. A pixel is invalid when any band is
-    NaN or infinite, when S2 is zero in every band (Sentinel-2's no-data fill; not applied with
-    ``s2_zero_fill=False``, e.g. for a stand-in of a missing S2), or when every band of a
-    modality equals that file's nodata value.
-    """
-    valid = np.isfinite(s1).all(axis=-1) & np.isfinite(s2).all(axis=-1)
-    if s2_zero_fill:
-        valid &= (s2 != 0).any(axis=-1)
-    for x, nodata in ((s1, s1_nodata), (s2, s2_nodata)):
-        if nodata is not None and not np.isnan(nodata):
-            valid &= (x != nodata).any(axis=-1)
-    return valid
+    """bool [h, w]: pixels with data in both modalities (`has_data` of ``s1`` [h, w, c1] and
+    ``s2`` [h, w, c2], file units); S2's all-zero fill counts as no data unless
+    ``s2_zero_fill=False`` (e.g. for a stand-in of a missing S2)."""
+    return (has_data(s1, nodata=s1_nodata)
+            & has_data(s2, nodata=s2_nodata, zero_fill=s2_zero_fill))
 
 
 def window_valid_fractions(valid: np.ndarray, col_offsets: np.ndarray, size: int) -> np.ndarray:
