@@ -26,6 +26,7 @@ import numpy as np
 from data_builders import atomic_files, cli, reference_labels
 from mosaic_jax.evaluation.metrics import average_precision_per_class
 from mosaic_jax.evaluation.tables import table_lines
+from mosaic_jax.inference.scene_windows import output_length
 
 
 def reference_cells(classes: np.ndarray, stride: int, num_classes: int,
@@ -35,7 +36,7 @@ def reference_cells(classes: np.ndarray, stride: int, num_classes: int,
     edge): class c is true in a cell when a pixel of it is c; labelled when a pixel is not
     ``nodata``."""
     height, width = classes.shape
-    h, w = -(-height // stride), -(-width // stride)
+    h, w = output_length(height, stride), output_length(width, stride)
     padded = np.full((h * stride, w * stride), nodata, dtype=classes.dtype)
     padded[:height, :width] = classes
     blocks = padded.reshape(h, stride, w, stride)
@@ -61,7 +62,8 @@ def _stride_between(map_src: Any, ref_src: Any, map_path: str, ref_path: str) ->
     ratio = m.a / r.a if r.a else 0.0
     stride = round(ratio)
     expected = r @ r.scale(stride, stride) if stride >= 1 else None
-    shape = (-(-ref_src.height // max(stride, 1)), -(-ref_src.width // max(stride, 1)))
+    shape = (output_length(ref_src.height, max(stride, 1)),
+             output_length(ref_src.width, max(stride, 1)))  # the map predict writes
     if (map_src.crs != ref_src.crs or stride < 1 or not math.isclose(ratio, stride)
             or not m.almost_equals(expected) or (map_src.height, map_src.width) != shape):
         raise ValueError(f"map {map_path} ({map_src.width} x {map_src.height} cells, {m}) is not "
